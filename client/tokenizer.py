@@ -1,0 +1,82 @@
+"""Tokenizer and chat template of a client bundle, without transformers: `tokenizers` plus a sandboxed Jinja."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+from splitcore.errors import ManifestError
+from splitcore.manifest import Bundle
+
+
+def _raise(message: str) -> None:
+    raise ValueError(f"chat template: {message}")
+
+
+class ChatTokenizer:
+    """Renders conversations with the model's chat template (as transformers does) and tokenizes them."""
+
+    def __init__(self, bundle: Bundle) -> None:
+        spec = bundle.manifest.tokenizer
+        if spec is None:
+            raise ManifestError(f"the bundle in {bundle.root} has no tokenizer: drive it with token ids")
+        self.spec = spec
+        self.tokenizer = Tokenizer.from_file(str(bundle.path(spec.file)))
+        self.template = None
+        if spec.chat_template_file:
+            # The same environment transformers uses for chat templates.
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+            env.globals["raise_exception"] = _raise
+            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+            self.template = env.from_string(bundle.path(spec.chat_template_file).read_text())
+
+    @property
+    def stop_ids(self) -> list[int]:
+        return list(self.spec.eos_token_ids)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def render(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+        if self.template is None:
+            raise ManifestError("this model has no chat template; send a raw prompt instead")
+        return self.template.render(
+            messages=list(messages),
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.spec.bos_token or "",
+            eos_token=self.spec.eos_token or "",
+        )
+
+    def chat_ids(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a conversation; the template writes any special tokens itself."""
+        return self.encode(self.render(messages, add_generation_prompt), add_special_tokens=False)
+
+
+class StreamDecoder:
+    """Turns token ids, one at a time, into text pieces; holds back incomplete UTF-8 sequences.
+
+    Decodes a short window (the previous piece plus the new tokens), so each token costs the same however long the
+    answer grows, and word-boundary spaces come out right for tokenizers that depend on the previous token.
+    """
+
+    def __init__(self, tokenizer: ChatTokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        before = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
+        after = self.tokenizer.decode(self.ids[self.prefix_offset :])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return after[len(before) :]

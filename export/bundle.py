@@ -1,0 +1,108 @@
+"""Write the client and server bundle directories and the one manifest both of them carry."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerBase
+
+from splitcore.manifest import MANIFEST_FILE, SCHEMA_VERSION, GraphSpec, Manifest, ModelSpec, TokenizerSpec, sha256_file
+
+CLIENT, SERVER = "client", "server"
+TOKENIZER_FILE = "tokenizer.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+TOOLS = ("torch", "transformers", "onnx", "onnxruntime", "onnxscript", "gguf", "numpy")
+
+
+def model_spec(model, model_id: str, source: str, revision: str | None) -> ModelSpec:
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    rope = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {}
+    rope = dict(rope)
+    theta = rope.pop("rope_theta", None) or getattr(c, "rope_theta", None) or 10000.0
+    return ModelSpec(
+        id=model_id,
+        source=source,
+        revision=revision,
+        architecture=(c.architectures or [type(model).__name__])[0],
+        num_layers=c.num_hidden_layers,
+        hidden_size=c.hidden_size,
+        num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads,
+        head_dim=head_dim,
+        intermediate_size=c.intermediate_size,
+        vocab_size=c.vocab_size,
+        max_position_embeddings=c.max_position_embeddings,
+        rope_theta=float(theta),
+        rope_scaling=rope or None,
+        rms_norm_eps=c.rms_norm_eps,
+        tie_word_embeddings=bool(c.tie_word_embeddings),
+    )
+
+
+def write_tokenizer(tokenizer: PreTrainedTokenizerBase, generation_eos, client_dir: Path) -> TokenizerSpec:
+    """tokenizer.json and the chat template go to the client only: the server never sees text."""
+    tokenizer.backend_tokenizer.save(str(client_dir / TOKENIZER_FILE))
+    template_file = None
+    if tokenizer.chat_template:
+        (client_dir / CHAT_TEMPLATE_FILE).write_text(tokenizer.chat_template)
+        template_file = CHAT_TEMPLATE_FILE
+    eos = [generation_eos] if isinstance(generation_eos, int) else list(generation_eos or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos.append(tokenizer.eos_token_id)
+    probe = "a"
+    adds_bos = (
+        tokenizer.bos_token_id is not None
+        and tokenizer(probe)["input_ids"][:1] == [tokenizer.bos_token_id]
+        and tokenizer(probe, add_special_tokens=False)["input_ids"][:1] != [tokenizer.bos_token_id]
+    )
+    return TokenizerSpec(
+        file=TOKENIZER_FILE,
+        chat_template_file=template_file,
+        bos_token=tokenizer.bos_token,
+        eos_token=tokenizer.eos_token,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_ids=eos,
+        pad_token_id=tokenizer.pad_token_id,
+        add_bos_token=adds_bos,
+    )
+
+
+def file_entries(out: Path, head: GraphSpec, tail: GraphSpec, tokenizer: TokenizerSpec | None) -> dict:
+    roles = {CLIENT: [head.file, head.data_file], SERVER: [tail.file, tail.data_file]}
+    if tokenizer is not None:
+        roles[CLIENT] += [tokenizer.file, tokenizer.chat_template_file]
+    entries = {}
+    for role, files in roles.items():
+        for name in filter(None, files):
+            path = out / role / name
+            entries[name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size, "roles": [role]}
+    return entries
+
+
+def tool_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in TOOLS:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def write_manifest(out: Path, manifest: Manifest) -> bytes:
+    """The same bytes into both bundles, so the client and the server agree on the manifest hash."""
+    raw = (json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n").encode()
+    for role in (CLIENT, SERVER):
+        tmp = out / role / (MANIFEST_FILE + ".tmp")
+        tmp.write_bytes(raw)
+        os.replace(tmp, out / role / MANIFEST_FILE)
+    return raw
+
+
+def build_manifest(**fields) -> Manifest:
+    return Manifest(schema_version=SCHEMA_VERSION, **fields)

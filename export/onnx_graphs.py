@@ -1,0 +1,144 @@
+"""Export the head and the tail of a Llama model as ONNX graphs with dynamic batch, sequence and past axes."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import sys
+from pathlib import Path
+
+import onnx
+import torch
+from onnx import helper, numpy_helper
+
+from export.modules import Head, Tail
+from splitcore import names
+from splitcore.manifest import GraphSpec, TensorSpec
+
+log = logging.getLogger(__name__)
+
+# Example sizes for tracing: all > 1 and distinct, so no axis is specialised to a constant by accident.
+EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST = 2, 3, 5
+OPSET = 18
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16"}
+
+
+def export_head(model: torch.nn.Module, split_layer: int, dtype: torch.dtype, path: Path) -> GraphSpec:
+    module = Head(model, split_layer)
+    first = torch.randint(0, model.config.vocab_size, (EXAMPLE_BATCH, EXAMPLE_SEQ))
+    first_name, first_dims = names.INPUT_IDS, {0: names.BATCH, 1: names.SEQUENCE}
+    layers = range(0, split_layer)
+    return _export(module, model, layers, first, first_name, first_dims, names.HIDDEN_STATES, dtype, path)
+
+
+def export_tail(model: torch.nn.Module, split_layer: int, dtype: torch.dtype, path: Path) -> GraphSpec:
+    module = Tail(model, split_layer)
+    first = torch.randn(EXAMPLE_BATCH, EXAMPLE_SEQ, model.config.hidden_size, dtype=dtype)
+    first_name, first_dims = names.HIDDEN_STATES, {0: names.BATCH, 1: names.SEQUENCE}
+    layers = range(split_layer, model.config.num_hidden_layers)
+    return _export(module, model, layers, first, first_name, first_dims, names.LOGITS, dtype, path)
+
+
+def _export(
+    module: torch.nn.Module,
+    model: torch.nn.Module,
+    layers: range,
+    first: torch.Tensor,
+    first_name: str,
+    first_dims: dict,
+    first_output: str,
+    dtype: torch.dtype,
+    path: Path,
+) -> GraphSpec:
+    module.eval()
+    config = model.config
+    kv_heads = config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    is_tail = first_name == names.HIDDEN_STATES
+    past = [torch.randn(EXAMPLE_BATCH, kv_heads, EXAMPLE_PAST, head_dim, dtype=dtype) for _ in range(2 * len(layers))]
+    mask = torch.ones(EXAMPLE_BATCH, EXAMPLE_PAST + EXAMPLE_SEQ, dtype=torch.int64)
+    positions = torch.arange(EXAMPLE_PAST, EXAMPLE_PAST + EXAMPLE_SEQ).repeat(EXAMPLE_BATCH, 1)
+    kv_dims = {0: names.BATCH, 2: names.PAST_SEQUENCE}
+
+    past_pairs = [names.past_names(i) for i in layers]
+    present_pairs = [names.present_names(i) for i in layers]
+    input_names = [first_name, names.ATTENTION_MASK, names.POSITION_IDS]
+    args: tuple = (first, mask, positions)
+    dynamic: tuple = (first_dims, {0: names.BATCH, 1: names.TOTAL_SEQUENCE}, {0: names.BATCH, 1: names.SEQUENCE})
+    if is_tail:
+        input_names.append(names.LOGITS_TO_KEEP)
+        args += (torch.tensor(1, dtype=torch.int64),)
+        dynamic += (None,)
+    input_names += [n for pair in past_pairs for n in pair]
+    output_names = [first_output] + [n for pair in present_pairs for n in pair]
+    # The modules take the KV tensors as *past: torch.export wants their shapes as one tuple for that varargs.
+    args += tuple(past)
+    dynamic += (tuple(kv_dims for _ in past),)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
+        program = torch.onnx.export(
+            module,
+            args,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_shapes=dynamic,
+            opset_version=OPSET,
+            dynamo=True,
+            optimize=True,
+            verbose=False,
+        )
+        program.save(str(path), external_data=True)
+    del program
+    gc.collect()
+    _tidy(path, is_tail)
+    return _graph_spec(path, layers, dtype, past_pairs, present_pairs)
+
+
+def _tidy(path: Path, is_tail: bool) -> None:
+    """Give the output axes readable names and make ``logits_to_keep`` optional (default 0: every position)."""
+    model = onnx.load(str(path), load_external_data=False)
+    for output in model.graph.output:
+        dims = output.type.tensor_type.shape.dim
+        for i, dim in enumerate(dims):
+            if not dim.dim_param:
+                continue
+            if output.name.startswith("present."):
+                dim.dim_param = names.TOTAL_SEQUENCE if i == 2 else dim.dim_param
+            elif output.name == names.LOGITS and i == 1:
+                dim.dim_param = names.KEPT_SEQUENCE
+    if is_tail:
+        # An initializer with the name of a graph input is a default that callers may override.
+        default = numpy_helper.from_array(torch.tensor(0, dtype=torch.int64).numpy(), names.LOGITS_TO_KEEP)
+        model.graph.initializer.append(default)
+    onnx.save(model, str(path))
+
+
+def _graph_spec(path: Path, layers: range, dtype: torch.dtype, past: list, present: list) -> GraphSpec:
+    model = onnx.load(str(path), load_external_data=False)
+    data_files = {
+        entry.value
+        for tensor in model.graph.initializer
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    if len(data_files) > 1:
+        raise RuntimeError(f"{path} refers to several external data files: {sorted(data_files)}")
+    return GraphSpec(
+        file=path.name,
+        data_file=data_files.pop() if data_files else None,
+        layers=(layers.start, layers.stop),
+        dtype=DTYPE_NAMES[dtype],
+        inputs=[_tensor_spec(v) for v in model.graph.input],
+        outputs=[_tensor_spec(v) for v in model.graph.output],
+        past=past,
+        present=present,
+    )
+
+
+def _tensor_spec(value: onnx.ValueInfoProto) -> TensorSpec:
+    tensor_type = value.type.tensor_type
+    dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name
+    shape = [d.dim_param if d.dim_param else d.dim_value for d in tensor_type.shape.dim]
+    return TensorSpec(name=value.name, dtype=dtype, shape=shape)

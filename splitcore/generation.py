@@ -1,0 +1,102 @@
+"""The generation loop of the split: the head runs here, the tail runs behind a ``TailLink`` (in process or remote).
+
+The loop is the same for ``python -m client --local`` and for the HTTP client, so the in-process split is the
+parity reference for the networked one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Protocol
+
+import numpy as np
+
+from splitcore.graphs import HeadRunner, TailRunner
+from splitcore.sampling import Choice, Sampler, SamplingParams
+
+
+class TailLink(Protocol):
+    """Where hidden states go: takes the hidden states of the next ``seq`` positions, returns the next token.
+
+    ``past_length`` is the number of positions the caller believes the tail has cached; a tail that disagrees
+    must refuse rather than guess.
+    """
+
+    def step(self, hidden_states: np.ndarray, past_length: int) -> Choice: ...
+
+
+class LocalTail:
+    """The tail graph in this process, with its own KV cache and sampler."""
+
+    def __init__(self, runner: TailRunner, params: SamplingParams) -> None:
+        self.runner = runner
+        self.cache = runner.new_cache()
+        self.sampler = Sampler(params)
+        self.generated: list[int] = []
+
+    def step(self, hidden_states: np.ndarray, past_length: int) -> Choice:
+        if past_length != self.cache.length:
+            raise ValueError(f"tail has {self.cache.length} positions cached, the step continues {past_length}")
+        total = past_length + hidden_states.shape[1]
+        mask = np.ones((1, total), dtype=np.int64)
+        positions = np.arange(past_length, total, dtype=np.int64)[None, :]
+        logits = self.runner.forward(hidden_states, mask, positions, self.cache, logits_to_keep=1)
+        choice = self.sampler.choose(logits[0, -1], self.generated)
+        self.generated.append(choice.token)
+        return choice
+
+
+class SplitGenerator:
+    """One sequence through the head and a tail link; keeps the head's KV cache and the ids it holds."""
+
+    def __init__(self, head: HeadRunner, tail: TailLink, prefill_chunk: int = 512) -> None:
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.head = head
+        self.tail = tail
+        self.prefill_chunk = prefill_chunk
+        self.cache = head.new_cache()
+        self.ids: list[int] = []
+        self.pending: int | None = None
+        self.finish_reason: str | None = None
+
+    def feed(self, ids: Sequence[int]) -> Choice:
+        """Run ``ids`` through the head in chunks and hand each chunk to the tail; the last chunk's choice wins."""
+        if self.pending is not None:
+            ids = [self.pending, *ids]
+            self.pending = None
+        if not ids:
+            raise ValueError("nothing to feed: give at least one token id")
+        choice = None
+        for start in range(0, len(ids), self.prefill_chunk):
+            chunk = np.asarray([ids[start : start + self.prefill_chunk]], dtype=np.int64)
+            past = self.cache.length
+            total = past + chunk.shape[1]
+            mask = np.ones((1, total), dtype=np.int64)
+            positions = np.arange(past, total, dtype=np.int64)[None, :]
+            hidden = self.head.forward(chunk, mask, positions, self.cache)
+            choice = self.tail.step(hidden, past)
+            self.ids.extend(int(i) for i in chunk[0])
+        assert choice is not None
+        return choice
+
+    def generate(self, ids: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()) -> Iterator[Choice]:
+        """Feed ``ids`` then yield up to ``max_new_tokens`` tokens; a stop token ends the run and is not yielded.
+
+        The last yielded token is kept as ``pending`` and goes in front of the next ``feed``, so a following turn
+        continues the same caches without a wasted step.
+        """
+        self.finish_reason = "length"
+        if max_new_tokens < 1:
+            return
+        choice = self.feed(ids)
+        for produced in range(max_new_tokens):
+            if choice.token in stop_ids:
+                self.pending = choice.token
+                self.finish_reason = "stop"
+                return
+            yield choice
+            if produced + 1 == max_new_tokens:
+                self.pending = choice.token
+                return
+            choice = self.feed([choice.token])

@@ -1,0 +1,113 @@
+"""Run the head or the tail graph of a bundle with onnxruntime, carrying the KV cache between calls."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import onnxruntime as ort
+
+from splitcore import names
+from splitcore.errors import ShapeError
+from splitcore.kvcache import KVCache
+from splitcore.manifest import Bundle, GraphSpec
+from splitcore.providers import choose_providers, session_options
+
+log = logging.getLogger(__name__)
+
+NUMPY_DTYPES = {"int64": np.dtype(np.int64), "float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
+
+
+class GraphRunner:
+    """One onnxruntime session over one graph of a bundle; the names it feeds come from the manifest."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        which: Literal["head", "tail"],
+        providers: Sequence[str] | None = None,
+        intra_op_threads: int = 0,
+    ) -> None:
+        self.bundle = bundle
+        self.spec: GraphSpec = getattr(bundle.manifest, which)
+        self.which = which
+        self.dtype = NUMPY_DTYPES[self.spec.dtype]
+        self.providers = choose_providers(providers)
+        path = bundle.path(self.spec.file)
+        log.info("loading %s graph %s on %s", which, path, self.providers[0])
+        self.session = ort.InferenceSession(str(path), session_options(intra_op_threads), providers=self.providers)
+        self.first_input = self.spec.inputs[0].name
+        self.output_names = [self.spec.outputs[0].name] + [n for pair in self.spec.present for n in pair]
+
+    @property
+    def num_layers(self) -> int:
+        start, end = self.spec.layers
+        return end - start
+
+    def new_cache(self, batch: int = 1) -> KVCache:
+        model = self.bundle.manifest.model
+        return KVCache.empty(self.num_layers, batch, model.num_key_value_heads, model.head_dim, self.dtype)
+
+    def run(
+        self,
+        first: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray,
+        cache: KVCache,
+        extra: dict[str, np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """Run one chunk of ``seq`` positions after ``cache.length`` cached ones; the cache grows in place."""
+        batch, seq = first.shape[0], first.shape[1]
+        if attention_mask.shape != (batch, cache.length + seq):
+            raise ShapeError(
+                f"{self.which}: attention_mask has shape {attention_mask.shape}, expected "
+                f"({batch}, past {cache.length} + new {seq})"
+            )
+        if position_ids.shape != (batch, seq):
+            raise ShapeError(f"{self.which}: position_ids has shape {position_ids.shape}, expected ({batch}, {seq})")
+        feeds = {self.first_input: first, names.ATTENTION_MASK: attention_mask, names.POSITION_IDS: position_ids}
+        if extra:
+            feeds.update(extra)
+        for (key_name, value_name), key, value in zip(self.spec.past, cache.keys, cache.values):
+            feeds[key_name] = key
+            feeds[value_name] = value
+        outputs = self.session.run(self.output_names, feeds)
+        cache.replace(outputs[1::2], outputs[2::2])
+        return outputs[0]
+
+
+class HeadRunner(GraphRunner):
+    def __init__(self, bundle: Bundle, providers: Sequence[str] | None = None, intra_op_threads: int = 0) -> None:
+        super().__init__(bundle, "head", providers, intra_op_threads)
+
+    def forward(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: KVCache
+    ) -> np.ndarray:
+        """Token ids [batch, seq] -> hidden states [batch, seq, hidden] at the split."""
+        return self.run(input_ids, attention_mask, position_ids, cache)
+
+
+class TailRunner(GraphRunner):
+    def __init__(self, bundle: Bundle, providers: Sequence[str] | None = None, intra_op_threads: int = 0) -> None:
+        super().__init__(bundle, "tail", providers, intra_op_threads)
+
+    def forward(
+        self,
+        hidden_states: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray,
+        cache: KVCache,
+        logits_to_keep: int = 1,
+    ) -> np.ndarray:
+        """Hidden states at the split -> logits [batch, kept, vocab]; 0 keeps every position, n the last n."""
+        keep = {names.LOGITS_TO_KEEP: np.array(logits_to_keep, dtype=np.int64)}
+        return self.run(hidden_states.astype(self.dtype, copy=False), attention_mask, position_ids, cache, keep)
+
+
+def positions_for(attention_mask: np.ndarray, seq: int) -> np.ndarray:
+    """Position ids of the last ``seq`` columns of a (possibly left-padded) mask, as transformers computes them."""
+    positions = np.cumsum(attention_mask, axis=1) - 1
+    positions = np.where(attention_mask > 0, positions, 0)
+    return positions[:, -seq:].astype(np.int64)

