@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from client.bundles import find_bundle
+from client.conversation import Conversation
 from client.settings import ClientSettings
 from client.tokenizer import ChatTokenizer, StreamDecoder
 from splitcore.errors import SplitError
@@ -87,51 +88,106 @@ def sampling(settings: ClientSettings) -> SamplingParams:
     )
 
 
-def local_tail(settings: ClientSettings) -> TailLink:
-    server = find_bundle(settings.bundle, "server")
-    return LocalTail(TailRunner(server, ["CPUExecutionProvider"], settings.intra_op_threads), sampling(settings))
+class Split:
+    """The client side of the split: the head, and a factory of tail links (in process or remote)."""
+
+    def __init__(self, settings: ClientSettings, local: bool) -> None:
+        self.settings = settings
+        self.bundle = find_bundle(settings.bundle, "client")
+        self.tokenizer = ChatTokenizer(self.bundle)
+        self.head = HeadRunner(self.bundle, ["CPUExecutionProvider"], settings.intra_op_threads)
+        self.local_tail = None
+        if local:
+            server = find_bundle(settings.bundle, "server")
+            self.local_tail = TailRunner(server, ["CPUExecutionProvider"], settings.intra_op_threads)
+        self.links: list[TailLink] = []
+
+    def generator(self) -> SplitGenerator:
+        self.close()
+        if self.local_tail is not None:
+            link: TailLink = LocalTail(self.local_tail, sampling(self.settings))
+        else:
+            from client.remote import RemoteTail
+
+            link = RemoteTail.open(self.bundle, self.settings, sampling(self.settings))
+        self.links.append(link)
+        return SplitGenerator(self.head, link, self.settings.prefill_chunk)
+
+    def traffic(self) -> str:
+        return "".join(link.traffic_report() for link in self.links if hasattr(link, "traffic_report"))
+
+    def close(self) -> None:
+        for link in self.links:
+            if hasattr(link, "close"):
+                link.close()
+        self.links.clear()
 
 
-def prompt_ids(tokenizer: ChatTokenizer, text: str, settings: ClientSettings, raw: bool) -> list[int]:
-    if raw or tokenizer.template is None:
-        return tokenizer.encode(text)
-    messages = [{"role": "system", "content": settings.system_prompt}] if settings.system_prompt else []
-    messages.append({"role": "user", "content": text})
-    return tokenizer.chat_ids(messages)
+def first_messages(settings: ClientSettings) -> list[dict]:
+    return [{"role": "system", "content": settings.system_prompt}] if settings.system_prompt else []
 
 
-def answer(generator: SplitGenerator, tokenizer: ChatTokenizer, ids: list[int], settings: ClientSettings,
-           stats: Stats) -> str:
-    decoder = StreamDecoder(tokenizer)
-    pieces = []
-    stats.prompt_tokens += len(ids)
-    for choice in generator.generate(ids, settings.max_new_tokens, tokenizer.stop_ids):
+def stream(pieces, stats: Stats) -> str:
+    text = []
+    for piece in pieces:
         stats.token()
-        piece = decoder.push(choice.token)
-        pieces.append(piece)
+        text.append(piece)
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
     sys.stdout.flush()
-    return "".join(pieces)
+    return "".join(text)
+
+
+def run_once(split: Split, prompt: str, raw: bool, stats: Stats) -> None:
+    settings = split.settings
+    if raw or split.tokenizer.template is None:
+        generator = split.generator()
+        ids = split.tokenizer.encode(prompt)
+        stats.prompt_tokens = len(ids)
+        decoder = StreamDecoder(split.tokenizer)
+        choices = generator.generate(ids, settings.max_new_tokens, split.tokenizer.stop_ids)
+        stream((decoder.push(c.token) for c in choices), stats)
+        return
+    conversation = Conversation(split.tokenizer, split.generator)
+    messages = [*first_messages(settings), {"role": "user", "content": prompt}]
+    stream(conversation.reply(messages, settings.max_new_tokens), stats)
+    stats.prompt_tokens = conversation.fed_new
+
+
+def run_chat(split: Split, show_stats: bool) -> None:
+    """Read user turns from stdin until EOF; each turn feeds only the new tokens into both KV caches."""
+    conversation = Conversation(split.tokenizer, split.generator)
+    messages = first_messages(split.settings)
+    while True:
+        sys.stderr.write("you> ")
+        sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:
+            break
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        stats = Stats()
+        reply = stream(conversation.reply(messages, split.settings.max_new_tokens), stats)
+        stats.prompt_tokens = conversation.fed_new
+        messages.append({"role": "assistant", "content": reply})
+        if show_stats:
+            log.info("%s (reused %d cached positions)", stats.report(split.traffic()), conversation.reused)
 
 
 def run(args: argparse.Namespace, settings: ClientSettings) -> None:
-    client_bundle = find_bundle(settings.bundle, "client")
-    tokenizer = ChatTokenizer(client_bundle)
-    head = HeadRunner(client_bundle, ["CPUExecutionProvider"], settings.intra_op_threads)
-    if args.local:
-        tail = local_tail(settings)
-    else:
-        from client.remote import RemoteTail
-
-        tail = RemoteTail.open(client_bundle, settings, sampling(settings))
-    generator = SplitGenerator(head, tail, settings.prefill_chunk)
-    stats = Stats()
-    answer(generator, tokenizer, prompt_ids(tokenizer, args.prompt or DEFAULT_PROMPT, settings, args.raw),
-           settings, stats)
-    if args.stats:
-        log.info("%s", stats.report(getattr(tail, "traffic_report", lambda: "")()))
+    split = Split(settings, args.local)
+    try:
+        if args.chat:
+            run_chat(split, args.stats)
+            return
+        stats = Stats()
+        run_once(split, args.prompt or DEFAULT_PROMPT, args.raw, stats)
+        if args.stats:
+            log.info("%s", stats.report(split.traffic()))
+    finally:
+        split.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,5 +24,6 @@ class ClientSettings(BaseSettings):
     system_prompt: str | None = None
     timeout_s: float = Field(60.0, gt=0)
     retries: int = Field(4, ge=0, description="reconnect attempts before giving up")
+    max_length: int | None = Field(None, ge=1, description="positions to reserve on the server (None: its default)")
     prefill_chunk: int = Field(512, ge=1)
     intra_op_threads: int = Field(0, ge=0, description="0 lets onnxruntime choose")

@@ -37,7 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "random:tiny or random:tinyllama (default: %(default)s)")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     p.add_argument("--split-layer", type=int, default=4, help="first layer of the tail, 1..N-1 (default: %(default)s)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="graph dtype; fp16 is for GPU tails")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                   help="dtype of the tail graph; fp16 is for GPU tails (the CPU head stays fp32)")
     p.add_argument("--out", type=Path, default=None, help="output directory (default: bundles/<model>-k<K>)")
     p.add_argument("--seed", type=int, default=0, help="seed of random:* weights (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="export even if the bundle is up to date")
@@ -92,17 +93,17 @@ def run(args: argparse.Namespace) -> None:
     n = model.config.num_hidden_layers
     if not 1 <= args.split_layer <= n - 1:
         raise SplitError(f"--split-layer must be in 1..{n - 1} for {args.model} ({n} layers), got {args.split_layer}")
-    graph_model = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
 
     for role in (bundles.CLIENT, bundles.SERVER):
         (args.out / role / MANIFEST_FILE).unlink(missing_ok=True)
     step("exporting head: embedding + layers [0, %d)", args.split_layer)
-    head = export_head(graph_model, args.split_layer, dtype, args.out / bundles.CLIENT / "head.onnx")
+    # The head runs on the user's CPU, where fp32 is the fast and exact choice; --dtype is the tail's.
+    head = export_head(model, args.split_layer, torch.float32, args.out / bundles.CLIENT / "head.onnx")
     gc.collect()
-    step("exporting tail: layers [%d, %d) + norm + LM head", args.split_layer, n)
-    tail = export_tail(graph_model, args.split_layer, dtype, args.out / bundles.SERVER / "tail.onnx")
-    if graph_model is not model:
-        del graph_model
+    step("exporting tail (%s): layers [%d, %d) + norm + LM head", args.dtype, args.split_layer, n)
+    tail_model = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+    tail = export_tail(tail_model, args.split_layer, dtype, args.out / bundles.SERVER / "tail.onnx")
+    del tail_model
     gc.collect()
 
     tokenizer = None
@@ -112,7 +113,6 @@ def run(args: argparse.Namespace) -> None:
     fields = dict(
         model=bundles.model_spec(model, loaded.model_id, loaded.source, loaded.revision),
         split_layer=args.split_layer,
-        dtype=head.dtype,
         head=head,
         tail=tail,
         tokenizer=tokenizer,

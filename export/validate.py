@@ -63,7 +63,7 @@ def validate(model: torch.nn.Module, client: Bundle, server: Bundle, seed: int =
         "logits_max_abs_diff": parity.diff("logits", logits[real], ref_logits[real]).max_abs,
         "argmax_agreement": parity.argmax_agreement(logits[real], ref_logits[real]),
     }
-    if manifest.dtype == "float32":
+    if manifest.tail.dtype == "float32":
         results["atol"], results["rtol"] = parity.FP32_ATOL, parity.FP32_RTOL
         results["hidden_states_atol"] = parity.hidden_atol(ref_hidden[real])
         parity.assert_close("head hidden_states", hidden[real], ref_hidden[real], results["hidden_states_atol"])

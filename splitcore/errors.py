@@ -15,3 +15,35 @@ class WireError(SplitError):
 
 class ShapeError(SplitError):
     """Inputs to a graph disagree with the manifest or with the cached sequence."""
+
+
+class SessionNotFound(SplitError):
+    """The session id is unknown: never opened, deleted, expired, or evicted to make room."""
+
+
+class PositionMismatch(SplitError):
+    """A step does not continue the positions the tail has cached."""
+
+
+class ManifestMismatch(SplitError):
+    """The client's head was exported for another manifest than the server's tail."""
+
+
+class CapacityExceeded(SplitError):
+    """The server has no room for another session right now; existing sessions are unaffected."""
+
+    def __init__(self, message: str, retry_after_s: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class LengthExceeded(SplitError):
+    """A step would take a session past its reserved maximum length."""
+
+
+class PayloadTooLarge(SplitError):
+    """A request body is larger than the configured limit."""
+
+
+class Unauthorized(SplitError):
+    """A bearer token is required and was missing or wrong."""

@@ -19,10 +19,10 @@ class TailLink(Protocol):
     """Where hidden states go: takes the hidden states of the next ``seq`` positions, returns the next token.
 
     ``past_length`` is the number of positions the caller believes the tail has cached; a tail that disagrees
-    must refuse rather than guess.
+    must refuse rather than guess. ``sample`` False (prefill chunks before the last) returns None.
     """
 
-    def step(self, hidden_states: np.ndarray, past_length: int) -> Choice: ...
+    def step(self, hidden_states: np.ndarray, past_length: int, sample: bool = True) -> Choice | None: ...
 
 
 class LocalTail:
@@ -34,13 +34,15 @@ class LocalTail:
         self.sampler = Sampler(params)
         self.generated: list[int] = []
 
-    def step(self, hidden_states: np.ndarray, past_length: int) -> Choice:
+    def step(self, hidden_states: np.ndarray, past_length: int, sample: bool = True) -> Choice | None:
         if past_length != self.cache.length:
             raise ValueError(f"tail has {self.cache.length} positions cached, the step continues {past_length}")
         total = past_length + hidden_states.shape[1]
         mask = np.ones((1, total), dtype=np.int64)
         positions = np.arange(past_length, total, dtype=np.int64)[None, :]
         logits = self.runner.forward(hidden_states, mask, positions, self.cache, logits_to_keep=1)
+        if not sample:
+            return None
         choice = self.sampler.choose(logits[0, -1], self.generated)
         self.generated.append(choice.token)
         return choice
@@ -75,10 +77,16 @@ class SplitGenerator:
             mask = np.ones((1, total), dtype=np.int64)
             positions = np.arange(past, total, dtype=np.int64)[None, :]
             hidden = self.head.forward(chunk, mask, positions, self.cache)
-            choice = self.tail.step(hidden, past)
+            last = start + self.prefill_chunk >= len(ids)
+            choice = self.tail.step(hidden, past, sample=last)
             self.ids.extend(int(i) for i in chunk[0])
         assert choice is not None
         return choice
+
+    @property
+    def held_ids(self) -> list[int]:
+        """Every id this conversation has produced or been fed, the pending one included."""
+        return self.ids + ([self.pending] if self.pending is not None else [])
 
     def generate(self, ids: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()) -> Iterator[Choice]:
         """Feed ``ids`` then yield up to ``max_new_tokens`` tokens; a stop token ends the run and is not yielded.

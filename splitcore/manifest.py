@@ -92,7 +92,6 @@ class Manifest(_Strict):
     schema_version: int
     model: ModelSpec
     split_layer: int
-    dtype: Literal["float32", "float16"]
     head: GraphSpec
     tail: GraphSpec
     tokenizer: TokenizerSpec | None
@@ -154,7 +153,8 @@ def parse_manifest(raw: bytes, where: str = "manifest") -> Manifest:
     try:
         return Manifest.model_validate(data)
     except ValidationError as e:
-        raise ManifestError(f"{where} does not match the manifest schema: {e}") from None
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'manifest'}: {err['msg']}" for err in e.errors())
+        raise ManifestError(f"{where} does not match the manifest schema ({problems}); re-run the export") from None
 
 
 def load_bundle(root: str | Path, role: Role, verify: bool = True) -> Bundle:

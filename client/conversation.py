@@ -1,0 +1,51 @@
+"""A multi-turn conversation over one pair of KV caches: each turn sends only what the caches do not hold yet."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+
+from client.tokenizer import ChatTokenizer, StreamDecoder
+from splitcore.generation import SplitGenerator
+
+log = logging.getLogger(__name__)
+
+
+class Conversation:
+    """Holds a generator (head cache + tail link) and the text its caches stand for.
+
+    A new turn is rendered with the chat template; when the rendered text extends what the caches already hold,
+    only the extension is tokenized and fed. Otherwise (an edited history) the conversation starts over with a
+    fresh generator from ``restart``.
+    """
+
+    def __init__(self, tokenizer: ChatTokenizer, restart: Callable[[], SplitGenerator]) -> None:
+        self.tokenizer = tokenizer
+        self.restart = restart
+        self.generator = restart()
+        self.fed_new: int = 0
+        self.reused: int = 0
+
+    def ids_to_feed(self, text: str) -> list[int]:
+        held = self.generator.held_ids
+        held_text = self.tokenizer.decode(held, skip_special_tokens=False)
+        if held and text.startswith(held_text):
+            self.reused = len(held)
+            return self.tokenizer.encode(text[len(held_text) :], add_special_tokens=False)
+        if held:
+            log.info("conversation history changed; starting a new session")
+            self.generator = self.restart()
+        self.reused = 0
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def reply(self, messages: Sequence[dict], max_new_tokens: int) -> Iterator[str]:
+        """Stream the assistant's reply to ``messages``: one text piece per token ("" while UTF-8 is incomplete)."""
+        ids = self.ids_to_feed(self.tokenizer.render(messages, add_generation_prompt=True))
+        self.fed_new = len(ids)
+        decoder = StreamDecoder(self.tokenizer)
+        for choice in self.generator.generate(ids, max_new_tokens, self.tokenizer.stop_ids):
+            yield decoder.push(choice.token)
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.generator.finish_reason
