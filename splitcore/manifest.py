@@ -153,7 +153,7 @@ def parse_manifest(raw: bytes, where: str = "manifest") -> Manifest:
     try:
         return Manifest.model_validate(data)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'manifest'}: {err['msg']}" for err in e.errors())
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'manifest'}: {err['msg']}" for err in e.errors())
         raise ManifestError(f"{where} does not match the manifest schema ({problems}); re-run the export") from None
 
 
