@@ -78,10 +78,8 @@ def open_session(body: protocol.OpenSession, service: ServiceDep) -> protocol.Se
         raise CapacityExceeded("server is shutting down; open the session on another replica", retry_after_s=1)
     params = SamplingParams(**body.sampling.model_dump())
     try:
-        session = service.store.open(
-            body.max_length or service.settings.default_max_length, Sampler(params), body.top_logprobs,
-            body.generated,
-        )
+        max_length = body.max_length or min(service.settings.default_max_length, service.store.max_positions)
+        session = service.store.open(max_length, Sampler(params), body.top_logprobs, body.generated)
     except CapacityExceeded:
         service.metrics.rejected.inc()
         raise
