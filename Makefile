@@ -28,13 +28,16 @@ $(VENV)/.installed: pyproject.toml
 export: venv
 	$(BIN)/python -m export --model $(MODEL) --split-layer $(SPLIT_LAYER) --dtype $(DTYPE) --out $(BUNDLE)
 
+# The real thing: the tail service on loopback in the background, the client in front, text only on this side.
+demo: export
+	scripts/demo.sh $(BUNDLE) $(PORT) "$(PROMPT)" $(BIN)/python
+
+# Both halves in one process, no network: the parity reference for debugging.
 demo-local: export
 	$(BIN)/python -m client --local --bundle $(BUNDLE) --stats "$(PROMPT)"
 
-demo: demo-local
-
-serve: venv
-	SPLIT_SERVER_BUNDLE=$(BUNDLE)/server $(BIN)/python -m services --host $(HOST) --port $(PORT)
+serve: export
+	$(BIN)/python -m services --bundle $(BUNDLE)/server --host $(HOST) --port $(PORT)
 
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import bundles, requires_smollm2
+from servers import service_thread
 
 from client.tokenizer import ChatTokenizer
 from splitcore.generation import LocalTail, SplitGenerator
@@ -52,16 +53,29 @@ def test_greedy_32_tokens_equal_transformers_generate(smollm2):
     assert cut >= 5, f"the answer should not stop at once: {ours}"
 
 
-def test_local_client_prints_what_transformers_generates(smollm2):
-    out, loaded = smollm2
+@pytest.fixture(scope="module")
+def expected_text(smollm2) -> str:
+    _, loaded = smollm2
     prompt = loaded.tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True)["input_ids"]
     with torch.no_grad():
         generated = loaded.model.generate(torch.tensor([prompt]), max_new_tokens=48, do_sample=False)
-    expected = loaded.tokenizer.decode(generated[0, len(prompt):], skip_special_tokens=True)
-    result = subprocess.run(
-        [sys.executable, "-m", "client", "--local", "--bundle", str(out), "--max-new-tokens", "48", PROMPT],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )
+    return loaded.tokenizer.decode(generated[0, len(prompt):], skip_special_tokens=True)
+
+
+def run_client(*args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "client", "--max-new-tokens", "48", *args, PROMPT],
+                            cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr
-    assert result.stdout == expected.strip() + "\n" or result.stdout == expected + "\n"
-    assert "Paris" in result.stdout
+    return result.stdout
+
+
+def test_local_client_prints_what_transformers_generates(smollm2, expected_text):
+    out, _ = smollm2
+    assert run_client("--local", "--bundle", str(out)) == expected_text + "\n"
+    assert "Paris" in expected_text
+
+
+def test_client_over_http_prints_what_transformers_generates(smollm2, expected_text):
+    out, _ = smollm2
+    with service_thread(out / "server") as url:
+        assert run_client("--bundle", str(out), "--server-url", url) == expected_text + "\n"
