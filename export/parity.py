@@ -30,6 +30,12 @@ def hidden_atol(reference: np.ndarray) -> float:
 # greedy choice must agree almost everywhere (ties within the drift may flip).
 FP16_RELATIVE_DRIFT = 2e-2
 FP16_MIN_ARGMAX_AGREEMENT = 0.95
+# An int8 (dynamically quantized) head: activations are quantized per tensor on the fly, so the drift is large
+# where activations are (random:tiny's residual stream reaches ~300 and drifts by ~20% of that; real checkpoints
+# far less). What users notice is the greedy token: it must agree with fp32 at most teacher-forced positions.
+# random:tiny measured 72% (seed 0, onnxruntime 1.32, AVX2); the floor leaves room for other CPU kernels.
+INT8_RELATIVE_DRIFT = 0.5
+INT8_MIN_GREEDY_AGREEMENT = 0.6
 
 
 class ParityError(SplitError):

@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from splitcore import names
-from splitcore.errors import ShapeError
+from splitcore.errors import ManifestError, ShapeError
 from splitcore.kvcache import KVCache
 from splitcore.manifest import Bundle, GraphSpec
 from splitcore.providers import choose_providers, session_options
@@ -26,12 +26,15 @@ class GraphRunner:
     def __init__(
         self,
         bundle: Bundle,
-        which: Literal["head", "tail"],
+        which: Literal["head", "tail", "full"],
         providers: Sequence[str] | None = None,
         intra_op_threads: int = 0,
     ) -> None:
         self.bundle = bundle
-        self.spec: GraphSpec = getattr(bundle.manifest, which)
+        spec = getattr(bundle.manifest, which)
+        if spec is None:
+            raise ManifestError(f"the bundle in {bundle.root} has no {which} graph; export it with --{which}")
+        self.spec: GraphSpec = spec
         self.which = which
         self.dtype = NUMPY_DTYPES[self.spec.dtype]
         self.providers = choose_providers(providers)
@@ -104,6 +107,25 @@ class TailRunner(GraphRunner):
         """Hidden states at the split -> logits [batch, kept, vocab]; 0 keeps every position, n the last n."""
         keep = {names.LOGITS_TO_KEEP: np.array(logits_to_keep, dtype=np.int64)}
         return self.run(hidden_states.astype(self.dtype, copy=False), attention_mask, position_ids, cache, keep)
+
+
+class FullRunner(GraphRunner):
+    """The unsplit graph of a ``full`` bundle: token ids in, logits out, every layer's KV in one cache."""
+
+    def __init__(self, bundle: Bundle, providers: Sequence[str] | None = None, intra_op_threads: int = 0) -> None:
+        super().__init__(bundle, "full", providers, intra_op_threads)
+
+    def forward(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray,
+        cache: KVCache,
+        logits_to_keep: int = 1,
+    ) -> np.ndarray:
+        """Token ids [batch, seq] -> logits [batch, kept, vocab]; 0 keeps every position, n the last n."""
+        keep = {names.LOGITS_TO_KEEP: np.array(logits_to_keep, dtype=np.int64)}
+        return self.run(input_ids, attention_mask, position_ids, cache, keep)
 
 
 def positions_for(attention_mask: np.ndarray, seq: int) -> np.ndarray:

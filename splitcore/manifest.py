@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from splitcore.errors import ManifestError
@@ -19,7 +20,8 @@ from splitcore.errors import ManifestError
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 
-Role = Literal["client", "server"]
+# "full" is the unsplit single-graph bundle that benchmarks compare the split against.
+Role = Literal["client", "server", "full"]
 DType = Literal["int64", "float32", "float16"]
 
 
@@ -44,6 +46,8 @@ class GraphSpec(_Strict):
     outputs: list[TensorSpec]
     past: list[tuple[str, str]]
     present: list[tuple[str, str]]
+    # Set when the weights were quantized after export (IO dtypes unchanged); absent for plain graphs.
+    quantization: Literal["int8-dynamic"] | None = None
 
     def input(self, name: str) -> TensorSpec:
         return _by_name(self.inputs, name)
@@ -94,6 +98,8 @@ class Manifest(_Strict):
     split_layer: int
     head: GraphSpec
     tail: GraphSpec
+    # Optional unsplit graph (layers [0, N) + norm + LM head), written by `python -m export --full`.
+    full: GraphSpec | None = None
     tokenizer: TokenizerSpec | None
     files: dict[str, FileEntry]
     validation: dict
@@ -107,12 +113,20 @@ class Manifest(_Strict):
             raise ValueError(f"split_layer {k} outside 1..{n - 1}")
         if tuple(self.head.layers) != (0, k) or tuple(self.tail.layers) != (k, n):
             raise ValueError(f"graph layer spans {self.head.layers}, {self.tail.layers} do not cut {n} layers at {k}")
+        if self.full is not None and tuple(self.full.layers) != (0, n):
+            raise ValueError(f"full graph spans layers {self.full.layers}, expected (0, {n})")
         return self
 
     @property
     def kv_shape_per_token(self) -> tuple[int, int]:
         """(kv heads, head dim) of one cached position of one layer."""
         return self.model.num_key_value_heads, self.model.head_dim
+
+    def kv_bytes_per_token(self, graph: GraphSpec) -> int:
+        """Bytes one cached position costs a session of ``graph``: key + value for each of its layers."""
+        kv_heads, head_dim = self.kv_shape_per_token
+        start, end = graph.layers
+        return 2 * (end - start) * kv_heads * head_dim * np.dtype(graph.dtype).itemsize
 
     def role_files(self, role: Role) -> list[str]:
         return [name for name, entry in self.files.items() if role in entry.roles]

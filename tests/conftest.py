@@ -17,12 +17,16 @@ TINY = "random:tiny"
 
 @pytest.fixture(scope="session")
 def export_bundle(tmp_path_factory):
-    """export_bundle(model, split_layer, dtype) -> output dir, exported once per argument set."""
+    """export_bundle(model, split_layer, dtype, full, quantize_head) -> output dir, exported once per argument set."""
 
     @functools.cache
-    def make(model: str = TINY, split_layer: int = 2, dtype: str = "fp32") -> Path:
-        out = tmp_path_factory.mktemp(f"{model.replace(':', '-')}-k{split_layer}-{dtype}")
-        code = export_main(["--model", model, "--split-layer", str(split_layer), "--dtype", dtype, "--out", str(out)])
+    def make(model: str = TINY, split_layer: int = 2, dtype: str = "fp32", full: bool = False,
+             quantize_head: str | None = None) -> Path:
+        extra = (["--full"] if full else []) + (["--quantize-head", quantize_head] if quantize_head else [])
+        name = f"{model.replace(':', '-')}-k{split_layer}-{dtype}" + "".join(a.strip("-") for a in extra)
+        out = tmp_path_factory.mktemp(name)
+        code = export_main(["--model", model, "--split-layer", str(split_layer), "--dtype", dtype, "--out", str(out),
+                            *extra])
         assert code == 0, f"export of {model} at K={split_layer} ({dtype}) failed with exit code {code}"
         return out
 

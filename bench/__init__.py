@@ -1,0 +1,1 @@
+"""``python -m bench``: the split against the alternatives, side by side in one run on one machine."""
