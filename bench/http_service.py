@@ -82,7 +82,8 @@ class RemoteTailFactory:
     def traffic(self) -> dict[str, int] | None:
         if not self.tails:
             return None
-        return {"sent": sum(t.traffic.sent for t in self.tails), "received": sum(t.traffic.received for t in self.tails)}
+        return {"sent": sum(t.traffic.sent for t in self.tails),
+                "received": sum(t.traffic.received for t in self.tails)}
 
 
 def _free_port() -> int:
