@@ -12,6 +12,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, Header, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+from services.batching import DecodeBatcher, run_one
 from services.metrics import Metrics
 from services.sessions import Session, SessionStore
 from services.settings import ServerSettings
@@ -40,6 +41,7 @@ class Service:
     bundle: Bundle
     tail: TailRunner
     store: SessionStore
+    batcher: DecodeBatcher | None = None
     metrics: Metrics = field(default_factory=Metrics)
     draining: bool = False
 
@@ -123,7 +125,10 @@ async def step(
     async with session.lock:
         started = time.perf_counter()
         check_positions(session, x_past_length, hidden.shape[1])
-        logits = await run_in_threadpool(run_tail, service.tail, session, hidden)
+        if hidden.shape[1] == 1 and service.batcher is not None:
+            logits = await service.batcher.step(session.cache, hidden)
+        else:
+            logits = await run_in_threadpool(run_one, service.tail, session.cache, hidden)
         result = protocol.StepResult(token=None, length=session.length)
         if x_return == "token" and x_sample:
             choice = session.sampler.choose(logits, session.generated, session.top_logprobs)
@@ -140,14 +145,6 @@ async def step(
         return Response(wire.encode(logits.astype(np.float32)), media_type=wire.MEDIA_TYPE,
                         headers={protocol.PAST_LENGTH_HEADER: str(session.length)})
     return result
-
-
-def run_tail(tail: TailRunner, session: Session, hidden: np.ndarray) -> np.ndarray:
-    past = session.length
-    total = past + hidden.shape[1]
-    mask = np.ones((1, total), dtype=np.int64)
-    positions = np.arange(past, total, dtype=np.int64)[None, :]
-    return tail.forward(hidden, mask, positions, session.cache, logits_to_keep=1)[0, -1]
 
 
 def check_positions(session: Session, past: int, seq: int) -> None:

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.api import Service, ServiceDep, router
+from services.batching import DecodeBatcher
 from services.sessions import SessionStore
 from services.settings import ServerSettings
 from splitcore import errors
@@ -43,7 +44,10 @@ def load_service(settings: ServerSettings, bundle: Bundle | None = None) -> Serv
                          settings.evict_idle_s)
     log.info("serving %s layers [%d, %d) from %s on %s (manifest %s)", bundle.manifest.model.id,
              *bundle.manifest.tail.layers, settings.bundle, tail.providers[0], bundle.manifest_sha256[:12])
-    return Service(settings, bundle, tail, store)
+    service = Service(settings, bundle, tail, store)
+    if settings.max_batch > 1:
+        service.batcher = DecodeBatcher(tail, settings.max_batch, service.metrics.batch_size.observe)
+    return service
 
 
 def create_app(settings: ServerSettings, bundle: Bundle | None = None) -> FastAPI:
@@ -53,12 +57,15 @@ def create_app(settings: ServerSettings, bundle: Bundle | None = None) -> FastAP
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service = load_service(settings, bundle)
         app.state.service = service
-        sweeper = asyncio.create_task(sweep(service))
+        tasks = [asyncio.create_task(sweep(service))]
+        if service.batcher is not None:
+            tasks.append(asyncio.create_task(service.batcher.run()))
         try:
             yield
         finally:
             service.draining = True
-            sweeper.cancel()
+            for task in tasks:
+                task.cancel()
 
     app = FastAPI(
         title="split-inference tail service",

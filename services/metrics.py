@@ -19,6 +19,10 @@ class Metrics:
             "split_step_seconds", "Tail step latency (graph run + sampling)", registry=self.registry,
             buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10),
         )
+        self.batch_size = Histogram(
+            "split_decode_batch_size", "Decode steps of different sessions sharing one tail run",
+            registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64),
+        )
         self.errors = Counter("split_errors", "Error responses by status code", ["code"], registry=self.registry)
         self.rejected = Counter("split_sessions_rejected", "Sessions refused for lack of room",
                                 registry=self.registry)

@@ -24,6 +24,7 @@ class ServerSettings(BaseSettings):
     default_max_length: int = Field(2048, ge=1, description="positions reserved when a client does not say")
     session_ttl_s: float = Field(600.0, gt=0, description="idle sessions are closed after this long")
     evict_idle_s: float = Field(60.0, ge=0, description="when full, sessions idle this long make room for new ones")
+    max_batch: int = Field(32, ge=1, description="most decode steps of different sessions in one run (1: no batching)")
     max_body_bytes: int = Field(64 * 2**20, ge=1024)
     token: SecretStr | None = Field(None, description="bearer token; when set, every /v1 request needs it")
     tls_cert: Path | None = None
