@@ -103,14 +103,26 @@ class Split:
         self.links: list[TailLink] = []
 
     def generator(self) -> SplitGenerator:
+        """The one generator of a command-line run; opening it closes the previous one."""
         self.close()
+        generator = self.new_generator(sampling(self.settings))
+        self.links.append(generator.tail)
+        return generator
+
+    def new_generator(self, params: SamplingParams, max_length: int | None = None) -> SplitGenerator:
+        """A generator with a tail link of its own (closing the link is the caller's job).
+
+        ``max_length``: positions to reserve on the tail service, overriding the settings.
+        """
         if self.local_tail is not None:
-            link: TailLink = LocalTail(self.local_tail, sampling(self.settings))
+            link: TailLink = LocalTail(self.local_tail, params)
         else:
             from client.remote import RemoteTail
 
-            link = RemoteTail.open(self.bundle, self.settings, sampling(self.settings))
-        self.links.append(link)
+            settings = self.settings
+            if max_length is not None:
+                settings = settings.model_copy(update={"max_length": max_length})
+            link = RemoteTail.open(self.bundle, settings, params)
         return SplitGenerator(self.head, link, self.settings.prefill_chunk)
 
     def traffic(self) -> str:
