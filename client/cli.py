@@ -40,7 +40,10 @@ SETTING_FLAGS = {
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, ClientSettings]:
-    p = argparse.ArgumentParser(prog="python -m client", description="Split-inference client: text stays here.")
+    p = argparse.ArgumentParser(
+        prog="python -m client", description="Split-inference client: text stays here.",
+        epilog="`python -m client serve --help`: a local OpenAI-compatible server on the same split.",
+    )
     p.add_argument("prompt", nargs="?", default=None, help=f"the prompt (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--local", action="store_true", help="run the tail in this process too (no network)")
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat")
@@ -203,6 +206,11 @@ def run(args: argparse.Namespace, settings: ClientSettings) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:  # a prompt that is literally "serve" still works as `python -m client -- serve`
+        from client.gateway.cli import main as serve
+
+        return serve(argv[1:])
     args, settings = parse_args(argv)
     level = "DEBUG" if args.verbose else os.environ.get("LOG_LEVEL", "WARNING")
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
