@@ -11,8 +11,10 @@ PROMPT ?= What is the capital of France? Answer in one sentence.
 HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
+GATEWAY_PORT ?= 8080
+GATEWAY_ARGS ?=
 
-.PHONY: venv export demo demo-local serve test test-fast lint clean bench bench-quick
+.PHONY: venv export demo demo-local serve gateway test test-fast lint clean bench bench-quick
 
 venv: $(VENV)/.installed
 
@@ -46,6 +48,11 @@ bench: venv
 # CI smoke run: random:tiny, a short prompt, a few tokens.
 bench-quick: venv
 	$(BIN)/python -m bench --quick --out reports/bench-quick
+
+# The OpenAI-compatible gateway on 127.0.0.1:$(GATEWAY_PORT), forwarding to the tail service of `make serve`
+# (GATEWAY_ARGS=--local runs the tail in the gateway instead).
+gateway: venv
+	$(BIN)/python -m client serve --bundle $(BUNDLE) --server-url http://$(HOST):$(PORT) --port $(GATEWAY_PORT) $(GATEWAY_ARGS)
 
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -40,7 +40,10 @@ SETTING_FLAGS = {
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, ClientSettings]:
-    p = argparse.ArgumentParser(prog="python -m client", description="Split-inference client: text stays here.")
+    p = argparse.ArgumentParser(
+        prog="python -m client", description="Split-inference client: text stays here.",
+        epilog="`python -m client serve --help`: a local OpenAI-compatible server on the same split.",
+    )
     p.add_argument("prompt", nargs="?", default=None, help=f"the prompt (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--local", action="store_true", help="run the tail in this process too (no network)")
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat")
@@ -103,14 +106,26 @@ class Split:
         self.links: list[TailLink] = []
 
     def generator(self) -> SplitGenerator:
+        """The one generator of a command-line run; opening it closes the previous one."""
         self.close()
+        generator = self.new_generator(sampling(self.settings))
+        self.links.append(generator.tail)
+        return generator
+
+    def new_generator(self, params: SamplingParams, max_length: int | None = None) -> SplitGenerator:
+        """A generator with a tail link of its own (closing the link is the caller's job).
+
+        ``max_length``: positions to reserve on the tail service, overriding the settings.
+        """
         if self.local_tail is not None:
-            link: TailLink = LocalTail(self.local_tail, sampling(self.settings))
+            link: TailLink = LocalTail(self.local_tail, params)
         else:
             from client.remote import RemoteTail
 
-            link = RemoteTail.open(self.bundle, self.settings, sampling(self.settings))
-        self.links.append(link)
+            settings = self.settings
+            if max_length is not None:
+                settings = settings.model_copy(update={"max_length": max_length})
+            link = RemoteTail.open(self.bundle, settings, params)
         return SplitGenerator(self.head, link, self.settings.prefill_chunk)
 
     def traffic(self) -> str:
@@ -191,6 +206,11 @@ def run(args: argparse.Namespace, settings: ClientSettings) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:  # a prompt that is literally "serve" still works as `python -m client -- serve`
+        from client.gateway.cli import main as serve
+
+        return serve(argv[1:])
     args, settings = parse_args(argv)
     level = "DEBUG" if args.verbose else os.environ.get("LOG_LEVEL", "WARNING")
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)

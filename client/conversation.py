@@ -26,21 +26,42 @@ class Conversation:
         self.fed_new: int = 0
         self.reused: int = 0
 
+    @property
+    def held_text(self) -> str:
+        return self.tokenizer.decode(self.generator.held_ids, skip_special_tokens=False)
+
+    @property
+    def positions(self) -> int:
+        """Positions both KV caches hold (the pending token is held but not yet fed)."""
+        return len(self.generator.ids)
+
+    def extends(self, text: str) -> bool:
+        """True when ``text`` continues what the caches hold, so a turn on it feeds only the new part."""
+        if not self.generator.held_ids:
+            return False
+        held = self.held_text
+        return len(text) > len(held) and text.startswith(held)
+
     def ids_to_feed(self, text: str) -> list[int]:
         held = self.generator.held_ids
-        held_text = self.tokenizer.decode(held, skip_special_tokens=False)
+        held_text = self.held_text
         if held and text.startswith(held_text):
             self.reused = len(held)
             return self.tokenizer.encode(text[len(held_text) :], add_special_tokens=False)
         if held:
             log.info("conversation history changed; starting a new session")
+            self.close()
             self.generator = self.restart()
         self.reused = 0
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def reply(self, messages: Sequence[dict], max_new_tokens: int) -> Iterator[str]:
         """Stream the assistant's reply to ``messages``: one text piece per token ("" while UTF-8 is incomplete)."""
-        ids = self.ids_to_feed(self.tokenizer.render(messages, add_generation_prompt=True))
+        return self.complete(self.tokenizer.render(messages, add_generation_prompt=True), max_new_tokens)
+
+    def complete(self, text: str, max_new_tokens: int) -> Iterator[str]:
+        """Stream the continuation of ``text`` (already rendered): one text piece per token."""
+        ids = self.ids_to_feed(text)
         self.fed_new = len(ids)
         decoder = StreamDecoder(self.tokenizer)
         for choice in self.generator.generate(ids, max_new_tokens, self.tokenizer.stop_ids):
@@ -49,3 +70,9 @@ class Conversation:
     @property
     def finish_reason(self) -> str | None:
         return self.generator.finish_reason
+
+    def close(self) -> None:
+        """Release the tail session behind the current generator (a remote link deletes it on the server)."""
+        close = getattr(self.generator.tail, "close", None)
+        if close is not None:
+            close()

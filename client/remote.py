@@ -33,6 +33,10 @@ class ServiceError(SplitError):
     """The tail service refused a request for a reason retrying will not fix."""
 
 
+class TailUnreachable(ServiceError):
+    """The tail service could not be reached (or kept failing) through every retry."""
+
+
 class SessionLost(Exception):
     """The server no longer has our session (404) or could not be reached: replay into a new one."""
 
@@ -137,7 +141,7 @@ class RemoteTail:
                 return action()
             except SessionLost as e:
                 if attempt == self.settings.retries:
-                    raise ServiceError(
+                    raise TailUnreachable(
                         f"tail service at {self.settings.server_url} unusable after {attempt + 1} attempts: {e}"
                     ) from None
                 log.warning("%s; retrying in %.2f s (%d/%d)", e, delay, attempt + 1, self.settings.retries)
@@ -161,9 +165,11 @@ class RemoteTail:
         return response
 
     def close(self) -> None:
-        if self.session_id is not None:
+        """Delete the session on the server (best effort); closing twice is harmless."""
+        session_id, self.session_id = self.session_id, None
+        if session_id is not None and not self.http.is_closed:
             try:
-                self.http.delete(f"{protocol.SESSIONS_PATH}/{self.session_id}")
+                self.http.delete(f"{protocol.SESSIONS_PATH}/{session_id}")
             except httpx.HTTPError:
                 pass
         self.http.close()

@@ -1,0 +1,5 @@
+import sys
+
+from client.gateway.cli import main
+
+sys.exit(main())

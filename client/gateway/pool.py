@@ -1,0 +1,69 @@
+"""Idle conversations kept for prefix reuse: bounded, least recently used first out, one request at a time each.
+
+A request takes a conversation out of the pool while it runs, so no two requests ever share one; it comes back
+when the request ends cleanly and is dropped (its tail session closed) when the request failed half-way, because
+its two KV caches may then disagree.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from client.conversation import Conversation
+from splitcore.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Lease:
+    params: SamplingParams
+    conversation: Conversation
+    reused: bool
+
+
+def shareable(params: SamplingParams) -> bool:
+    """A seeded sampler's state moves with every token: continuing it would not reproduce a fresh run's output."""
+    return params.greedy or params.seed is None
+
+
+class ConversationPool:
+    def __init__(self, open_conversation: Callable[[SamplingParams], Conversation], size: int) -> None:
+        self.open_conversation = open_conversation
+        self.size = size
+        self.lock = threading.Lock()
+        self.idle: list[Lease] = []  # least recently used first
+
+    def acquire(self, text: str, params: SamplingParams) -> Lease:
+        """The idle conversation holding the longest prefix of ``text`` for these sampling settings, or a new one."""
+        if shareable(params):
+            with self.lock:
+                fits = [i for i, lease in enumerate(self.idle)
+                        if lease.params == params and lease.conversation.extends(text)]
+                if fits:
+                    best = max(fits, key=lambda i: self.idle[i].conversation.positions)
+                    lease = self.idle.pop(best)
+                    lease.reused = True
+                    return lease
+        return Lease(params, self.open_conversation(params), reused=False)
+
+    def release(self, lease: Lease, clean: bool) -> None:
+        if not (clean and shareable(lease.params) and self.size):
+            lease.conversation.close()
+            return
+        with self.lock:
+            self.idle.append(lease)
+            evicted = self.idle[: -self.size]
+            del self.idle[: -self.size]
+        for old in evicted:
+            log.debug("pool full: closing a conversation of %d positions", old.conversation.positions)
+            old.conversation.close()
+
+    def close(self) -> None:
+        with self.lock:
+            idle, self.idle = self.idle, []
+        for lease in idle:
+            lease.conversation.close()

@@ -1,0 +1,113 @@
+"""Request bodies of the OpenAI API that the gateway honours, and refusals for values it cannot honour.
+
+Unknown fields are accepted and ignored (OpenAI clients send optional extras such as ``user``); a known field with
+a value the split cannot honour is a 400 naming the field, never silently dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from client.gateway.errors import invalid
+
+# Fields whose only honoured values are "not set" and the listed ones.
+ONLY_DEFAULTS: dict[str, tuple[Any, ...]] = {
+    "n": (1,),
+    "best_of": (1,),
+    "echo": (False,),
+    "logprobs": (False, 0),
+    "top_logprobs": (0,),
+    "logit_bias": ({},),
+    "presence_penalty": (0,),
+    "frequency_penalty": (0,),
+    "suffix": ("",),
+    "tools": ([],),
+    "functions": ([],),
+    "tool_choice": ("none",),
+    "response_format": ({"type": "text"},),
+    "modalities": (["text"],),
+    "audio": (),
+    "prediction": (),
+}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class OpenAIRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2, description="omitted: 1, as in the OpenAI API")
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = Field(None, ge=0)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    def check_supported(self) -> None:
+        given = {**self.model_dump(exclude_unset=True), **(self.model_extra or {})}
+        for name, allowed in ONLY_DEFAULTS.items():
+            value = given.get(name)
+            if value is not None and value not in allowed:
+                shown = f"{value!r}"[:60]
+                raise invalid(f"{name}={shown} is not supported by this gateway; leave it out", param=name,
+                              code="unsupported_value")
+
+    def stops(self, most: int) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > most:
+            raise invalid(f"stop has {len(stops)} sequences, at most {most} are allowed", param="stop")
+        return tuple(s for s in stops if s)
+
+    @property
+    def limit(self) -> int | None:
+        return self.max_tokens
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    text: str | None = None
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+
+    def for_template(self) -> dict:
+        """The message as chat templates expect it: text content only; ``developer`` is OpenAI's new ``system``."""
+        content = self.content
+        if isinstance(content, list):
+            if any(part.type != "text" for part in content):
+                kinds = sorted({part.type for part in content if part.type != "text"})
+                raise invalid(f"only text content is supported, got {', '.join(kinds)}", param="messages")
+            content = "".join(part.text or "" for part in content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+
+
+class ChatRequest(OpenAIRequest):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    @property
+    def limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(OpenAIRequest):
+    prompt: str | list[str]
+
+    def text(self) -> str:
+        if isinstance(self.prompt, str):
+            return self.prompt
+        if len(self.prompt) != 1:
+            raise invalid(f"prompt is a list of {len(self.prompt)} prompts; send one per request", param="prompt")
+        return self.prompt[0]
