@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 GATEWAY_PORT ?= 8080
 GATEWAY_ARGS ?=
 
-.PHONY: venv export demo demo-local serve gateway test test-fast lint clean bench bench-quick
+.PHONY: venv export demo demo-local serve gateway test test-fast lint clean bench bench-quick bench-load
 
 venv: $(VENV)/.installed
 
@@ -46,6 +46,10 @@ bench: venv
 	$(BIN)/python -m bench --out reports/bench
 
 # CI smoke run: random:tiny, a short prompt, a few tokens.
+# Concurrent sessions against one service: aggregate tokens/s and step latency at 1, 4, 16 and 64 sessions.
+bench-load: export
+	$(BIN)/python -m bench.load --bundle $(BUNDLE) --out reports/load
+
 bench-quick: venv
 	$(BIN)/python -m bench --quick --out reports/bench-quick
 

@@ -44,7 +44,8 @@ class Service:
 
 def start_service(server_bundle: Path, timeout_s: float = 300.0) -> Service:
     port = _free_port()
-    env = {**os.environ, "SPLIT_SERVER_BUNDLE": str(server_bundle)}
+    # No drain period: the benchmark stops the service only when it is done with it.
+    env = {**os.environ, "SPLIT_SERVER_BUNDLE": str(server_bundle), "SPLIT_SERVER_DRAIN_S": "0"}
     command = [sys.executable, "-m", "services", "--host", HOST, "--port", str(port)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout_s

@@ -38,3 +38,18 @@ def test_quick_bench_writes_sane_json(export_bundle, tmp_path):
     assert runs["a"]["tokens_agree_with_reference"] == runs["c"]["tokens_agree_with_reference"] == 1.0
     assert 0 <= model["int8_head"]["greedy_agreement"] <= 1
     assert model["int8_head"]["head_file_bytes"]["int8"] < model["int8_head"]["head_file_bytes"]["fp32"]
+
+
+def test_load_generator_reports_every_level(export_bundle, tmp_path):
+    from bench.load import main as load_main
+
+    out = tmp_path / "load"
+    code = load_main(["--bundle", str(export_bundle(TINY, 2)), "--levels", "1,4", "--prompt", "8", "--steps", "4",
+                      "--limit-s", "60", "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "load.json").read_text())
+    assert [level["sessions"] for level in report["levels"]] == [1, 4]
+    for level in report["levels"]:
+        assert level["errors"] == {} and level["rejected_sessions"] == 0
+        assert level["tokens"] == 4 * level["sessions"]
+        assert 0 < level["step_latency_ms"]["p50"] <= level["step_latency_ms"]["p99"]
