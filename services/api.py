@@ -79,7 +79,9 @@ def open_session(body: protocol.OpenSession, service: ServiceDep) -> protocol.Se
     params = SamplingParams(**body.sampling.model_dump())
     try:
         session = service.store.open(
-            body.max_length or service.settings.default_max_length, Sampler(params), body.top_logprobs,
+            # The default never asks for more positions than the model has (a client that asks, is told).
+            body.max_length or min(service.settings.default_max_length, service.store.max_positions),
+            Sampler(params), body.top_logprobs,
             body.generated,
         )
     except CapacityExceeded:
