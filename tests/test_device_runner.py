@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
+import httpx
 import numpy as np
 import pytest
 from conftest import TINY, bundles
+from servers import free_port, start
 
+from client.remote import RemoteTail
+from client.settings import ClientSettings
 from services.app import load_tail
 from services.settings import ServerSettings
 from splitcore.device_runner import DeviceKVCache, DeviceTailRunner
@@ -72,3 +80,21 @@ def test_a_requested_provider_that_did_not_start_is_an_error():
         active_providers(cuda_cpu, cuda_cpu, ["CPUExecutionProvider"])
     # Best-available (nothing requested) may fall back, and says so in the log.
     assert active_providers(None, cuda_cpu, ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+
+
+def test_service_with_io_binding_serves_the_same_tokens(tiny, tmp_path):
+    client, server = tiny
+    port = free_port()
+    env = {**os.environ, "SPLIT_SERVER_BUNDLE": str(server.root), "SPLIT_SERVER_PORT": str(port),
+           "SPLIT_SERVER_IO_BINDING": "on", "SPLIT_SERVER_DRAIN_S": "0"}
+    running = start([sys.executable, "-m", "services"], env, Path(__file__).resolve().parents[1], port,
+                    tmp_path / "service.log")
+    try:
+        assert httpx.get(f"{running.url}/readyz").json()["io_binding"] is True
+        head, prompt = HeadRunner(client), list(range(60, 70))
+        remote = RemoteTail.open(client, ClientSettings(server_url=running.url), SamplingParams())
+        got = [c.token for c in SplitGenerator(head, remote, prefill_chunk=4).generate(prompt, 12, stop_ids=())]
+        local = LocalTail(TailRunner(server), SamplingParams())
+        assert got == [c.token for c in SplitGenerator(head, local).generate(prompt, 12, stop_ids=())]
+    finally:
+        assert running.terminate() == 0, running.output()[-2000:]
