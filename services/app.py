@@ -58,20 +58,19 @@ def load_tail(settings: ServerSettings, bundle: Bundle) -> TailRunner:
     return runner(bundle, requested, settings.intra_op_threads)
 
 
-def create_app(settings: ServerSettings, bundle: Bundle | None = None, service: Service | None = None) -> FastAPI:
-    """``bundle``: an already verified server bundle; ``service``: an already loaded one (the entry point loads it
-    before uvicorn starts, so that a bundle or GPU problem ends the process with one clear line)."""
+def create_app(settings: ServerSettings, bundle: Bundle | None = None, preloaded: Service | None = None) -> FastAPI:
+    """``bundle``: an already verified server bundle; ``preloaded``: an already loaded service (the entry point loads
+    it before uvicorn starts, so that a bundle or GPU problem ends the process with one clear line)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        nonlocal service
-        service = service or load_service(settings, bundle)
-        app.state.service = service
-        sweeper = asyncio.create_task(sweep(service))
+        loaded = preloaded or load_service(settings, bundle)
+        app.state.service = loaded
+        sweeper = asyncio.create_task(sweep(loaded))
         try:
             yield
         finally:
-            service.draining = True
+            loaded.draining = True
             sweeper.cancel()
 
     app = FastAPI(

@@ -38,9 +38,12 @@ def test_yamllint_strict():
 
 
 def kubernetes_versions() -> list[str]:
-    from kubernetes_validate.utils import latest_version
-
-    return ["1.30.0", latest_version()]
+    """1.30 and the newest schema kubernetes-validate ships (just 1.30 when it is missing: the test then skips)."""
+    try:
+        from kubernetes_validate.utils import latest_version
+    except ImportError:
+        return ["1.30.0"]
+    return sorted({"1.30.0", latest_version()})
 
 
 @pytest.mark.parametrize("version", kubernetes_versions())
