@@ -10,6 +10,7 @@ let an observer average it out).
 from __future__ import annotations
 
 import logging
+import secrets
 import ssl
 import time
 from collections.abc import Callable
@@ -65,7 +66,10 @@ class RemoteTail:
         self.params = params
         self.sleep = sleep
         self.traffic = Traffic()
-        headers = {protocol.MANIFEST_HEADER: bundle.manifest_sha256}
+        # The affinity key lives as long as this conversation, replays included (a replay after a lost replica
+        # hashes to a live one).
+        headers = {protocol.MANIFEST_HEADER: bundle.manifest_sha256,
+                   protocol.AFFINITY_HEADER: secrets.token_urlsafe(12)}
         if settings.token:
             headers["Authorization"] = f"Bearer {settings.token}"
         verify: ssl.SSLContext | bool = True

@@ -7,14 +7,16 @@ sessions) while live sessions keep working, then stops, giving in-flight request
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import threading
 
 import uvicorn
 from fastapi import FastAPI
+from pydantic import ValidationError
 
-from services.app import create_app
+from services.app import create_app, load_service
 from services.logs import configure
 from services.settings import ServerSettings
 from splitcore.errors import SplitError
@@ -40,6 +42,14 @@ class DrainingServer(uvicorn.Server):
         log.info("draining: /readyz reports 503 for %.0f s, then shutting down", self.drain_s)
         threading.Timer(self.drain_s, super().handle_exit, (sig, None)).start()
 
+    @contextlib.contextmanager
+    def capture_signals(self):
+        # uvicorn re-raises the signal that stopped it once it has shut down, so a graceful stop on SIGTERM would
+        # end as "killed by SIGTERM" (exit 143). A drained, finished shutdown is a clean exit: 0.
+        with super().capture_signals():
+            yield
+            self._captured_signals.clear()
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m services", description=__doc__.split("\n")[0].split(": ", 1)[1])
@@ -50,17 +60,20 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     try:
         settings = ServerSettings(**overrides)
-    except ValueError as e:
-        print(f"services: error: invalid settings: {e}", file=sys.stderr)
+    except ValidationError as e:
+        problems = "; ".join(f"SPLIT_SERVER_{'.'.join(map(str, err['loc'])).upper()}: {err['msg']}"
+                             for err in e.errors())
+        print(f"services: error: invalid settings: {problems}", file=sys.stderr)
         return 2
     configure(settings.log_level, settings.log_format)
     try:
         choose_providers(settings.providers or None)
         bundle = load_bundle(settings.bundle, "server")
+        service = load_service(settings, bundle)
     except SplitError as e:
         print(f"services: error: {e}", file=sys.stderr)
         return 2
-    app = create_app(settings, bundle)
+    app = create_app(settings, bundle, service)
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -17,8 +17,10 @@ from services.batching import DecodeBatcher
 from services.sessions import SessionStore
 from services.settings import ServerSettings
 from splitcore import errors
+from splitcore.device_runner import DeviceTailRunner
 from splitcore.graphs import TailRunner
 from splitcore.manifest import Bundle, load_bundle
+from splitcore.providers import choose_providers
 
 log = logging.getLogger(__name__)
 
@@ -39,31 +41,43 @@ SWEEP_INTERVAL_S = 10.0
 def load_service(settings: ServerSettings, bundle: Bundle | None = None) -> Service:
     """Load the tail graph of a bundle, verifying the bundle first unless the caller already did."""
     bundle = bundle or load_bundle(settings.bundle, "server")
-    tail = TailRunner(bundle, settings.providers or None, settings.intra_op_threads)
+    tail = load_tail(settings, bundle)
     store = SessionStore(tail, settings.max_sessions, settings.max_kv_bytes, settings.session_ttl_s,
                          settings.evict_idle_s)
     log.info("serving %s layers [%d, %d) from %s on %s (manifest %s)", bundle.manifest.model.id,
              *bundle.manifest.tail.layers, settings.bundle, tail.providers[0], bundle.manifest_sha256[:12])
     service = Service(settings, bundle, tail, store)
-    if settings.max_batch > 1:
+    # Batching pads numpy caches on the host; device-bound caches (IO binding) run one session per step for now.
+    if settings.max_batch > 1 and not isinstance(tail, DeviceTailRunner):
         service.batcher = DecodeBatcher(tail, settings.max_batch, service.metrics.batch_size.observe)
     return service
 
 
-def create_app(settings: ServerSettings, bundle: Bundle | None = None) -> FastAPI:
-    """``bundle``: an already verified server bundle (the entry point verifies before uvicorn starts)."""
+def load_tail(settings: ServerSettings, bundle: Bundle) -> TailRunner:
+    """The tail runner: with IO binding (KV caches stay on the device) when asked, or by default on CUDA."""
+    requested = settings.providers or None
+    binding = settings.io_binding == "on"
+    if settings.io_binding == "auto":
+        binding = choose_providers(requested)[0] == "CUDAExecutionProvider"
+    runner = DeviceTailRunner if binding else TailRunner
+    return runner(bundle, requested, settings.intra_op_threads)
+
+
+def create_app(settings: ServerSettings, bundle: Bundle | None = None, preloaded: Service | None = None) -> FastAPI:
+    """``bundle``: an already verified server bundle; ``preloaded``: an already loaded service (the entry point loads
+    it before uvicorn starts, so that a bundle or GPU problem ends the process with one clear line)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        service = load_service(settings, bundle)
-        app.state.service = service
-        tasks = [asyncio.create_task(sweep(service))]
-        if service.batcher is not None:
-            tasks.append(asyncio.create_task(service.batcher.run()))
+        loaded = preloaded or load_service(settings, bundle)
+        app.state.service = loaded
+        tasks = [asyncio.create_task(sweep(loaded))]
+        if loaded.batcher is not None:
+            tasks.append(asyncio.create_task(loaded.batcher.run()))
         try:
             yield
         finally:
-            service.draining = True
+            loaded.draining = True
             for task in tasks:
                 task.cancel()
 
@@ -85,6 +99,7 @@ def create_app(settings: ServerSettings, bundle: Bundle | None = None) -> FastAP
         body = {
             "status": "draining" if service.draining else "ready",
             "provider": service.tail.providers[0],
+            "io_binding": isinstance(service.tail, DeviceTailRunner),
             "model": service.bundle.manifest.model.id,
             "layers": list(service.bundle.manifest.tail.layers),
             "manifest_sha256": service.bundle.manifest_sha256,

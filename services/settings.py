@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The mark in every placeholder secret we ship (k8s/10-secret.yaml): a service holding one refuses to start.
+PLACEHOLDER_MARK = "REPLACE-ME"
 
 
 class ServerSettings(BaseSettings):
@@ -17,6 +21,9 @@ class ServerSettings(BaseSettings):
     providers: list[str] = Field(
         default_factory=list,
         description="onnxruntime providers, all required, e.g. [\"CUDAExecutionProvider\"]; empty: best available",
+    )
+    io_binding: Literal["auto", "on", "off"] = Field(
+        "auto", description="keep KV caches on the device between steps; auto: on when the tail runs on CUDA",
     )
     intra_op_threads: int = Field(0, ge=0, description="0 lets onnxruntime choose")
     max_sessions: int = Field(64, ge=1)
@@ -33,6 +40,17 @@ class ServerSettings(BaseSettings):
     graceful_shutdown_s: float = Field(20.0, ge=0, description="then in-flight requests get this long to finish")
     log_format: str = Field("text", pattern="^(text|json)$")
     log_level: str = "INFO"
+
+    @field_validator("token")
+    @classmethod
+    def _not_placeholder(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is not None and PLACEHOLDER_MARK in token.get_secret_value():
+            raise ValueError(
+                "the token is still the placeholder from k8s/10-secret.yaml; set a real one, e.g. "
+                "kubectl -n split-inference create secret generic split-tail-auth --from-literal=token=$(openssl rand "
+                "-hex 32) --dry-run=client -o yaml | kubectl apply -f -"
+            )
+        return token
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ServerSettings:

@@ -13,7 +13,7 @@ from splitcore import names
 from splitcore.errors import ManifestError, ShapeError
 from splitcore.kvcache import KVCache
 from splitcore.manifest import Bundle, GraphSpec
-from splitcore.providers import choose_providers, session_options
+from splitcore.providers import active_providers, choose_providers, session_options
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +37,11 @@ class GraphRunner:
         self.spec: GraphSpec = spec
         self.which = which
         self.dtype = NUMPY_DTYPES[self.spec.dtype]
-        self.providers = choose_providers(providers)
+        chosen = choose_providers(providers)
         path = bundle.path(self.spec.file)
-        log.info("loading %s graph %s on %s", which, path, self.providers[0])
-        self.session = ort.InferenceSession(str(path), session_options(intra_op_threads), providers=self.providers)
+        log.info("loading %s graph %s on %s", which, path, chosen[0])
+        self.session = ort.InferenceSession(str(path), session_options(intra_op_threads), providers=chosen)
+        self.providers = active_providers(providers, chosen, self.session.get_providers())
         self.first_input = self.spec.inputs[0].name
         self.output_names = [self.spec.outputs[0].name] + [n for pair in self.spec.present for n in pair]
 
@@ -62,14 +63,7 @@ class GraphRunner:
         extra: dict[str, np.ndarray] | None = None,
     ) -> np.ndarray:
         """Run one chunk of ``seq`` positions after ``cache.length`` cached ones; the cache grows in place."""
-        batch, seq = first.shape[0], first.shape[1]
-        if attention_mask.shape != (batch, cache.length + seq):
-            raise ShapeError(
-                f"{self.which}: attention_mask has shape {attention_mask.shape}, expected "
-                f"({batch}, past {cache.length} + new {seq})"
-            )
-        if position_ids.shape != (batch, seq):
-            raise ShapeError(f"{self.which}: position_ids has shape {position_ids.shape}, expected ({batch}, {seq})")
+        self.check_inputs(first, attention_mask, position_ids, cache.length)
         feeds = {self.first_input: first, names.ATTENTION_MASK: attention_mask, names.POSITION_IDS: position_ids}
         if extra:
             feeds.update(extra)
@@ -79,6 +73,16 @@ class GraphRunner:
         outputs = self.session.run(self.output_names, feeds)
         cache.replace(outputs[1::2], outputs[2::2])
         return outputs[0]
+
+    def check_inputs(self, first: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: int) -> None:
+        batch, seq = first.shape[0], first.shape[1]
+        if attention_mask.shape != (batch, past + seq):
+            raise ShapeError(
+                f"{self.which}: attention_mask has shape {attention_mask.shape}, expected "
+                f"({batch}, past {past} + new {seq})"
+            )
+        if position_ids.shape != (batch, seq):
+            raise ShapeError(f"{self.which}: position_ids has shape {position_ids.shape}, expected ({batch}, {seq})")
 
 
 class HeadRunner(GraphRunner):

@@ -11,6 +11,10 @@ MANIFEST_HEADER = "X-Manifest-Sha256"
 PAST_LENGTH_HEADER = "X-Past-Length"
 SAMPLE_HEADER = "X-Sample"
 RETURN_HEADER = "X-Return"
+# A random key per conversation, sent on every request including the open: a load balancer that hashes on it
+# (k8s/optional/ingress-nginx.yaml) sends a conversation's steps to the replica that holds its KV cache. The
+# session id cannot serve: it does not exist yet when the session is opened.
+AFFINITY_HEADER = "X-Split-Affinity"
 
 
 def steps_path(session_id: str) -> str:

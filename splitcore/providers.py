@@ -29,6 +29,25 @@ def choose_providers(requested: Sequence[str] | None = None) -> list[str]:
     return [p for p in PREFERENCE if p in available]
 
 
+def active_providers(requested: Sequence[str] | None, chosen: Sequence[str], active: Sequence[str]) -> list[str]:
+    """The providers a session really runs on, checked against what was asked for.
+
+    ``get_available_providers`` lists what this onnxruntime build contains, not what can start: without a usable
+    driver or CUDA/cuDNN libraries onnxruntime-gpu enables only the CPU provider (or retries on CPU after an error).
+    Requested providers must all be active; a best-available choice that fell back is only logged.
+    """
+    missing = [p for p in chosen if p not in active]
+    if missing and requested:
+        raise SplitError(
+            f"onnxruntime could not enable {missing} (active: {list(active)}); check that the GPU is visible "
+            "(nvidia-smi), the driver is new enough for this image's CUDA, and the CUDA/cuDNN libraries match "
+            "this onnxruntime-gpu build"
+        )
+    if missing:
+        log.warning("onnxruntime could not enable %s; running on %s", missing, list(active))
+    return list(active)
+
+
 def session_options(intra_op_threads: int = 0, spinning: bool = False) -> ort.SessionOptions:
     """Session options for latency-bound decoding.
 
