@@ -41,6 +41,16 @@ def step_times(tail: TailRunner, past: int, steps: int) -> list[float]:
     return times[1:]
 
 
+def weight_bytes(bundle) -> int:
+    spec = bundle.manifest.tail
+    return sum(bundle.manifest.files[name].bytes for name in (spec.file, spec.data_file) if name)
+
+
+def kv_bytes_per_position(tail: TailRunner) -> int:
+    model = tail.bundle.manifest.model
+    return 2 * tail.num_layers * model.num_key_value_heads * model.head_dim * tail.dtype.itemsize
+
+
 def configurations(bundle_dtype: str) -> list[tuple[str, list[str], type[TailRunner]]]:
     available = ort.get_available_providers()
     configs = []
@@ -57,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("bundles", nargs="+", type=Path)
     p.add_argument("--past", type=int, nargs="+", default=[128, 1024])
     p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--peak-gbs", type=float, default=3350.0,
+                   help="memory bandwidth bound in GB/s for the share column (default: H100 SXM HBM3, 3350)")
     args = p.parse_args(argv)
     print(f"onnxruntime {ort.__version__}, providers {ort.get_available_providers()}")
     for path in args.bundles:
@@ -69,8 +81,12 @@ def main(argv: list[str] | None = None) -> int:
                 past = min(past, spec.model.max_position_embeddings - args.steps - 2)
                 times = sorted(step_times(tail, past, args.steps))
                 median, p90 = statistics.median(times), times[int(0.9 * (len(times) - 1))]
+                # Bytes one decode step must read: every tail weight once, plus the cached keys and values.
+                touched = weight_bytes(bundle) + past * kv_bytes_per_position(tail)
+                share = touched / median / (args.peak_gbs * 1e9)
                 print(f"{label:48s} {name:15s} past {past:5d}: step median {median * 1e3:7.2f} ms, "
-                      f"p90 {p90 * 1e3:7.2f} ms ({len(times)} steps, active {tail.providers[0]})")
+                      f"p90 {p90 * 1e3:7.2f} ms, {touched / median / 1e9:7.1f} GB/s = {share:5.1%} of "
+                      f"{args.peak_gbs:.0f} GB/s ({len(times)} steps, active {tail.providers[0]})")
     return 0
 
 
