@@ -36,6 +36,9 @@ RANDOM_CONFIGS = {
     "tinyllama": dict(
         hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
         vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False, rope_theta=10000.0,
+        # transformers' default init: activations of a real checkpoint's scale, so an fp16 tail does not overflow
+        # (init 0.5 at width 2048 drives the residual stream past fp16's 65504 within four layers).
+        initializer_range=0.02,
     ),
 }
 
@@ -80,10 +83,10 @@ def _random(name: str, seed: int) -> LoadedModel:
     if name not in RANDOM_CONFIGS:
         raise SourceError(f"unknown random config {name!r}; choose one of {sorted(RANDOM_CONFIGS)}")
     tokenizer = byte_tokenizer(RANDOM_CONFIGS[name]["vocab_size"])
+    # A large init range keeps random logits peaked, so greedy decoding does not collapse to one token.
+    shapes = {"initializer_range": 0.5, **RANDOM_CONFIGS[name]}
     config = LlamaConfig(
-        **RANDOM_CONFIGS[name],
-        # A large init range keeps random logits peaked, so greedy decoding does not collapse to one token.
-        initializer_range=0.5,
+        **shapes,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
