@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The GPU check as run on this project's lent GPU machine (Python 3.12 with torch, transformers, onnx, onnxscript
-# and the CUDA 13 libraries already installed; no network): installs onnxruntime-gpu and the service's small
-# dependencies from carried wheels, exports random:tiny and the TinyLlama-shaped tail in fp16, runs the gpu tests
+# and the CUDA 13 libraries already installed; no network): installs onnxruntime-gpu (CUDA 13 build, passed as
+# an argument) and the service's small
+# dependencies (fastapi needs opentelemetry-api, importlib-metadata, zipp) from carried wheels, exports random:tiny and the TinyLlama-shaped tail in fp16, runs the gpu tests
 # and prints tail step latency with its share of the HBM bandwidth bound. On a box with network, use gpu_check.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 LOG_LEVEL=WARNING
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$@" .whl/*.whl
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$@" .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD
 LD_LIBRARY_PATH="$(python3 -c 'import glob, os, nvidia
 print(":".join(sorted(glob.glob(os.path.join(list(nvidia.__path__)[0], "*", "lib")))))')${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
