@@ -15,7 +15,9 @@ from client.settings import ClientSettings
 from client.tokenizer import ChatTokenizer, StreamDecoder
 from splitcore.errors import SplitError
 from splitcore.generation import LocalTail, SplitGenerator, TailLink
-from splitcore.graphs import HeadRunner, TailRunner
+from splitcore.graphs import HeadRunner, LmHeadRunner, TailRunner
+from splitcore.manifest import Bundle
+from splitcore.noise import BoundaryNoise
 from splitcore.sampling import SamplingParams
 
 log = logging.getLogger("client")
@@ -35,6 +37,7 @@ SETTING_FLAGS = {
     "--repetition-penalty": ("repetition_penalty", float, "penalty on already generated tokens"),
     "--seed": ("seed", int, "seed for reproducible sampling"),
     "--system": ("system_prompt", str, "system prompt"),
+    "--noise-sigma": ("noise_sigma", float, "noise on the hidden states sent, times their RMS (0: none)"),
 }
 
 
@@ -87,9 +90,22 @@ def sampling(settings: ClientSettings) -> SamplingParams:
     )
 
 
-def local_tail(settings: ClientSettings) -> TailLink:
+def lm_head(client_bundle: Bundle, settings: ClientSettings) -> LmHeadRunner | None:
+    """The client-side LM head of a private-output bundle; None when the tail returns logits."""
+    if client_bundle.manifest.output_mode != "hidden":
+        return None
+    return LmHeadRunner(client_bundle, ["CPUExecutionProvider"], settings.intra_op_threads)
+
+
+def local_tail(client_bundle: Bundle, settings: ClientSettings) -> TailLink:
     server = find_bundle(settings.bundle, "server")
-    return LocalTail(TailRunner(server, ["CPUExecutionProvider"], settings.intra_op_threads), sampling(settings))
+    if server.manifest_sha256 != client_bundle.manifest_sha256:
+        raise SplitError(
+            f"the client bundle {client_bundle.root} and the server bundle {server.root} come from different "
+            "exports; point --bundle at one export output directory"
+        )
+    runner = TailRunner(server, ["CPUExecutionProvider"], settings.intra_op_threads)
+    return LocalTail(runner, sampling(settings), lm_head(client_bundle, settings))
 
 
 def prompt_ids(tokenizer: ChatTokenizer, text: str, settings: ClientSettings, raw: bool) -> list[int]:
@@ -121,12 +137,13 @@ def run(args: argparse.Namespace, settings: ClientSettings) -> None:
     tokenizer = ChatTokenizer(client_bundle)
     head = HeadRunner(client_bundle, ["CPUExecutionProvider"], settings.intra_op_threads)
     if args.local:
-        tail = local_tail(settings)
+        tail = local_tail(client_bundle, settings)
     else:
         from client.remote import RemoteTail
 
         tail = RemoteTail.open(client_bundle, settings, sampling(settings))
-    generator = SplitGenerator(head, tail, settings.prefill_chunk)
+    noise = BoundaryNoise(settings.noise_sigma) if settings.noise_sigma > 0 else None
+    generator = SplitGenerator(head, tail, settings.prefill_chunk, noise)
     stats = Stats()
     answer(generator, tokenizer, prompt_ids(tokenizer, args.prompt or DEFAULT_PROMPT, settings, args.raw),
            settings, stats)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from export import bundle as bundles
-from export.onnx_graphs import export_head, export_tail
+from export.onnx_graphs import export_head, export_lm_head, export_tail
 from export.sources import load_model
 from export.validate import validate
 from splitcore.errors import SplitError
@@ -41,18 +41,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="output directory (default: bundles/<model>-k<K>)")
     p.add_argument("--seed", type=int, default=0, help="seed of random:* weights (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="export even if the bundle is up to date")
+    p.add_argument("--private-output", action="store_true",
+                   help="the tail returns final hidden states and the client bundle gets the final norm + LM head "
+                        "(lm_head.onnx), so the server never sees logits or output tokens")
     args = p.parse_args(argv)
     if args.split_layer < 1:
         p.error(f"--split-layer must be in 1..N-1 (N = number of layers), got {args.split_layer}")
     if args.out is None:
         name = args.model.replace("random:", "random-").rstrip("/").split("/")[-1].removesuffix(".gguf")
-        args.out = Path("bundles") / f"{name}-k{args.split_layer}{'-fp16' if args.dtype == 'fp16' else ''}"
+        suffix = ("-fp16" if args.dtype == "fp16" else "") + ("-private" if args.private_output else "")
+        args.out = Path("bundles") / f"{name}-k{args.split_layer}{suffix}"
     return args
 
 
 def export_args(args: argparse.Namespace) -> dict:
     return {"model": args.model, "revision": args.revision, "split_layer": args.split_layer,
-            "dtype": args.dtype, "seed": args.seed}
+            "dtype": args.dtype, "seed": args.seed, "output_mode": output_mode(args)}
+
+
+def output_mode(args: argparse.Namespace) -> str:
+    return "hidden" if args.private_output else "logits"
 
 
 def up_to_date(out: Path, wanted: dict) -> bool:
@@ -85,7 +93,7 @@ def run(args: argparse.Namespace) -> None:
     check_writable(args.out)
     dtype = DTYPES[args.dtype]
 
-    step = _Steps(5)
+    step = _Steps(6 if args.private_output else 5)
     step("loading %s", args.model)
     loaded = load_model(args.model, args.revision, args.seed)
     model = loaded.model
@@ -99,8 +107,15 @@ def run(args: argparse.Namespace) -> None:
     step("exporting head: embedding + layers [0, %d)", args.split_layer)
     head = export_head(graph_model, args.split_layer, dtype, args.out / bundles.CLIENT / "head.onnx")
     gc.collect()
-    step("exporting tail: layers [%d, %d) + norm + LM head", args.split_layer, n)
-    tail = export_tail(graph_model, args.split_layer, dtype, args.out / bundles.SERVER / "tail.onnx")
+    lm_head = None
+    if args.private_output:
+        step("exporting tail: layers [%d, %d), returning final hidden states", args.split_layer, n)
+        tail = export_tail(graph_model, args.split_layer, dtype, args.out / bundles.SERVER / "tail.onnx", True)
+        step("exporting the client's final norm + LM head")
+        lm_head = export_lm_head(graph_model, dtype, args.out / bundles.CLIENT / "lm_head.onnx")
+    else:
+        step("exporting tail: layers [%d, %d) + norm + LM head", args.split_layer, n)
+        tail = export_tail(graph_model, args.split_layer, dtype, args.out / bundles.SERVER / "tail.onnx")
     if graph_model is not model:
         del graph_model
     gc.collect()
@@ -115,8 +130,10 @@ def run(args: argparse.Namespace) -> None:
         dtype=head.dtype,
         head=head,
         tail=tail,
+        output_mode=output_mode(args),
+        lm_head=lm_head,
         tokenizer=tokenizer,
-        files=bundles.file_entries(args.out, head, tail, tokenizer),
+        files=bundles.file_entries(args.out, head, tail, tokenizer, lm_head),
         tools=bundles.tool_versions(),
         export={"args": wanted, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
     )

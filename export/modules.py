@@ -97,12 +97,18 @@ class Tail(LayerSpan):
 
     ``logits_to_keep`` follows the transformers convention: 0 keeps every position, n keeps the last n. Prefill
     asks for 1, so the vocab-sized matmul runs once instead of once per prompt token.
+
+    With ``private_output`` the tail stops after layer N-1, before the final norm, and returns the kept positions'
+    residual stream; ``LmHead`` then runs on the client. Stopping before the norm keeps the tail a plain layer span
+    like the head and puts every output-side weight (norm and LM head) in the client's graph.
     """
 
-    def __init__(self, model: nn.Module, split_layer: int) -> None:
+    def __init__(self, model: nn.Module, split_layer: int, private_output: bool = False) -> None:
         super().__init__(model, split_layer, len(model.model.layers))
-        self.norm = model.model.norm
-        self.lm_head = model.lm_head
+        self.private_output = private_output
+        if not private_output:
+            self.norm = model.model.norm
+            self.lm_head = model.lm_head
 
     def forward(self, hidden_states, attention_mask, position_ids, logits_to_keep, *past):
         hidden, presents = self.run_layers(hidden_states, attention_mask, position_ids, past)
@@ -111,5 +117,19 @@ class Tail(LayerSpan):
         start = seq - keep
         index = torch.arange(seq, device=hidden.device)
         selected = hidden[:, index >= start, :]
+        if self.private_output:
+            return (selected, *presents)
         logits = self.lm_head(self.norm(selected))
         return (logits, *presents)
+
+
+class LmHead(nn.Module):
+    """Final norm + LM head: final hidden states -> logits. The client's graph in private-output mode."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.norm = model.model.norm
+        self.lm_head = model.lm_head
+
+    def forward(self, final_hidden_states):
+        return self.lm_head(self.norm(final_hidden_states))

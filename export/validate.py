@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from export import parity
-from splitcore.graphs import HeadRunner, TailRunner, positions_for
+from splitcore.graphs import HeadRunner, LmHeadRunner, TailRunner, positions_for
 from splitcore.manifest import Bundle
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,11 @@ CHUNKS = ((0, 5), (5, 6), (6, 9))  # a prefill, one single-token step, one multi
 
 
 def validate(model: torch.nn.Module, client: Bundle, server: Bundle, seed: int = 0) -> dict:
-    """Returns the measured differences; raises ParityError past the tolerance for the bundle's dtype."""
+    """Returns the measured differences; raises ParityError past the tolerance for the bundle's dtype.
+
+    In private-output mode the logits are the client's LM head applied to the tail's final hidden states: the
+    check covers the split exactly as the user runs it.
+    """
     manifest = client.manifest
     k = manifest.split_layer
     rng = np.random.default_rng(seed)
@@ -43,6 +47,7 @@ def validate(model: torch.nn.Module, client: Bundle, server: Bundle, seed: int =
     ref_logits = reference.logits.float().numpy()
 
     head, tail = HeadRunner(client, ["CPUExecutionProvider"]), TailRunner(server, ["CPUExecutionProvider"])
+    lm_head = LmHeadRunner(client, ["CPUExecutionProvider"]) if manifest.output_mode == "hidden" else None
     head_cache, tail_cache = head.new_cache(2), tail.new_cache(2)
     hidden_parts, logit_parts = [], []
     for start, end in CHUNKS:
@@ -50,6 +55,8 @@ def validate(model: torch.nn.Module, client: Bundle, server: Bundle, seed: int =
         chunk_positions = positions[:, start:end]
         hidden = head.forward(input_ids[:, start:end], chunk_mask, chunk_positions, head_cache)
         logits = tail.forward(hidden, chunk_mask, chunk_positions, tail_cache, logits_to_keep=0)
+        if lm_head is not None:
+            logits = lm_head.forward(logits)
         hidden_parts.append(hidden)
         logit_parts.append(logits)
     hidden = np.concatenate(hidden_parts, axis=1).astype(np.float32)

@@ -17,13 +17,15 @@ TINY = "random:tiny"
 
 @pytest.fixture(scope="session")
 def export_bundle(tmp_path_factory):
-    """export_bundle(model, split_layer, dtype) -> output dir, exported once per argument set."""
+    """export_bundle(model, split_layer, dtype, private_output) -> output dir, exported once per argument set."""
 
     @functools.cache
-    def make(model: str = TINY, split_layer: int = 2, dtype: str = "fp32") -> Path:
-        out = tmp_path_factory.mktemp(f"{model.replace(':', '-')}-k{split_layer}-{dtype}")
-        code = export_main(["--model", model, "--split-layer", str(split_layer), "--dtype", dtype, "--out", str(out)])
-        assert code == 0, f"export of {model} at K={split_layer} ({dtype}) failed with exit code {code}"
+    def make(model: str = TINY, split_layer: int = 2, dtype: str = "fp32", private_output: bool = False) -> Path:
+        mode = "-private" if private_output else ""
+        out = tmp_path_factory.mktemp(f"{model.replace(':', '-')}-k{split_layer}-{dtype}{mode}")
+        argv = ["--model", model, "--split-layer", str(split_layer), "--dtype", dtype, "--out", str(out)]
+        code = export_main(argv + (["--private-output"] if private_output else []))
+        assert code == 0, f"export of {model} at K={split_layer} ({dtype}{mode}) failed with exit code {code}"
         return out
 
     return make
