@@ -39,6 +39,6 @@ QUICK = MeterConfig(
 )
 # The README's numbers: SmolLM2 at the splits users pick, ~10-15 minutes on 2 cores once the bundles exist.
 FULL = MeterConfig(
-    model="smollm2", ks=(1, 2, 4, 8), prompts=50, max_prompt_tokens=24, train_random=192, train_generated=96,
-    train_length=32, candidates=16, sigmas=(0.0, 0.1, 0.25, 0.5, 1.0, 2.0), noise_k=4, utility_tokens=48,
+    model="smollm2", ks=(1, 2, 4, 8), prompts=50, max_prompt_tokens=24, train_random=192, train_generated=64,
+    train_length=32, candidates=64, sigmas=(0.0, 0.1, 0.25, 0.5, 1.0, 2.0), noise_k=4, utility_tokens=48,
 )

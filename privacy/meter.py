@@ -127,10 +127,16 @@ class MeterResult:
         }
 
     def halving_sigma(self) -> dict[str, float | None]:
-        """Per attack, the smallest swept sigma at which token recovery is at most half the noise-free one."""
+        """Per attack, the smallest swept sigma at which token recovery is at most half the noise-free one.
+
+        None where no swept sigma does, or where the attack is at chance (under twice it) even without noise.
+        """
         out: dict[str, float | None] = {}
         for attack in ATTACKS:
             base = self.noise[0.0]["attacks"][attack].token_recovery
+            if base <= 2 / self.vocab_size:
+                out[attack] = None
+                continue
             hits = [s for s, v in self.noise.items() if v["attacks"][attack].token_recovery <= base / 2]
             out[attack] = min(hits) if hits else None
         return out
@@ -145,7 +151,9 @@ def run(config: MeterConfig, pairs: dict[int, tuple[Bundle, Bundle]]) -> MeterRe
     public = PublicModel.for_manifest(manifest)
     log.info("attacker writes its training text: %d random + %d sampled sequences of %d tokens",
              config.train_random, config.train_generated, config.train_length)
+    started = time.perf_counter()
     train_ids = training_ids(public, config.train_random, config.train_generated, config.train_length, config.seed)
+    log.info("  (%.1f s)", time.perf_counter() - started)
     attacker = Attacker(public, train_ids, config.candidates, config.seed)
     result = MeterResult(config, manifest.model.id, manifest.model.vocab_size, len(prompts),
                          sum(len(p) for p in prompts))
@@ -155,6 +163,8 @@ def run(config: MeterConfig, pairs: dict[int, tuple[Bundle, Bundle]]) -> MeterRe
         started = time.perf_counter()
         train_states = batched_states(head, train_ids)
         train_seconds = time.perf_counter() - started
+        log.info("K=%d: attacker ran its %d training sequences through the public head (%.1f s)", k,
+                 len(train_ids), train_seconds)
         result.splits[k] = attacker.attack(head, train_states, train_seconds, prompts, 0.0)
         log_row(f"K={k}", result.splits[k])
         if k != config.noise_k:

@@ -41,7 +41,7 @@ def markdown(data: dict) -> str:
         f"{data['heldout']['prompts']} held-out prompts ({data['heldout']['tokens']} tokens, at most "
         f"{cfg['max_prompt_tokens']} each); attacker trained on {cfg['train_random']} random + "
         f"{cfg['train_generated']} self-generated sequences of {cfg['train_length']} tokens; replay tries "
-        f"{cfg['candidates']} candidates per position. Chance: {pct(data['chance'])} per token.",
+        f"{cfg['candidates'] or 'all'} candidates per position. Chance: {pct(data['chance'])} per token.",
         "",
         "## Recovery by split layer K (tokens / whole prompts; attack time)",
         "",
@@ -69,7 +69,7 @@ def markdown(data: dict) -> str:
         cells += [pct(u["greedy_agreement"]), f"{100 * u['perplexity_change']:+.1f}%"]
         lines.append(f"| {row['sigma']:g} | " + " | ".join(cells) + " |")
     halving = ", ".join(
-        f"{LABELS[a]} {'sigma ' + format(s, 'g') if s is not None else 'not within the sweep'}"
+        f"{LABELS[a]} {'sigma ' + format(s, 'g') if s is not None else 'none (not within the sweep, or at chance)'}"
         for a, s in noise["halving_sigma"].items()
     )
     lines += ["", f"Smallest swept sigma that halves token recovery: {halving}.", ""]

@@ -73,3 +73,19 @@ def test_client_cli_local_runs_private_output_like_default(export_bundle, capsys
     expected = capsys.readouterr().out
     assert client_main([*argv, "--bundle", str(export_bundle(TINY, K, private_output=True))]) == 0
     assert capsys.readouterr().out == expected and expected.strip()
+
+
+def test_schema_1_manifests_read_as_logits_mode_and_newer_ones_are_refused(export_bundle):
+    import json
+
+    from splitcore.manifest import parse_manifest
+
+    client, _ = bundles(export_bundle(TINY, K))
+    data = json.loads((client.root / "manifest.json").read_text())
+    assert data["schema_version"] == 2 and data["output_mode"] == "logits" and data["lm_head"] is None
+    old = {k: v for k, v in data.items() if k not in ("output_mode", "lm_head")} | {"schema_version": 1}
+    assert parse_manifest(json.dumps(old).encode()).output_mode == "logits"
+    with pytest.raises(ManifestError, match="schema_version 3"):
+        parse_manifest(json.dumps(data | {"schema_version": 3}).encode())
+    with pytest.raises(ManifestError, match="output_mode 'hidden' needs"):
+        parse_manifest(json.dumps(data | {"output_mode": "hidden"}).encode())
