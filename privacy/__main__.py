@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-generated", type=int, default=None, help="attacker's self-generated training sequences")
     p.add_argument("--train-length", type=int, default=None)
     p.add_argument("--candidates", type=int, default=None, help="replay search candidates per position")
+    p.add_argument("--fallback", type=int, default=None,
+                   help="replay candidates tried where the first ones reproduce nothing (no noise only)")
     p.add_argument("--sigmas", type=floats, default=None, help="noise sweep, comma separated, must include 0")
     p.add_argument("--noise-k", type=int, default=None, help="split layer of the noise sweep")
     p.add_argument("--seed", type=int, default=None)
@@ -74,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             model=args.model, ks=tuple(sorted(explicit)) or args.ks, prompts=args.prompts,
             max_prompt_tokens=args.max_prompt_tokens, train_random=args.train_random,
             train_generated=args.train_generated, train_length=args.train_length, candidates=args.candidates,
+            fallback=args.fallback,
             sigmas=args.sigmas, noise_k=args.noise_k, seed=args.seed,
         )
         pairs = explicit or {k: bundle_at(config.model, k, args.bundles_dir) for k in config.ks}

@@ -15,6 +15,7 @@ class MeterConfig:
     train_generated: int  # attacker training sequences sampled from the public model
     train_length: int  # tokens per training sequence
     candidates: int  # replay search: inverter candidates tried per position; 0 tries the whole vocabulary
+    fallback: int  # replay search without noise: candidates tried where none of the first reproduces the state
     sigmas: tuple[float, ...]  # boundary-noise sweep, multiples of each position's RMS
     noise_k: int  # the split layer the noise sweep runs at
     utility_tokens: int  # each utility text is cut to this many tokens
@@ -35,10 +36,10 @@ class MeterConfig:
 # CI: random:tiny has 4 layers, so every split it has; its vocabulary is small enough for an exhaustive replay.
 QUICK = MeterConfig(
     model="random:tiny", ks=(1, 2, 3), prompts=50, max_prompt_tokens=24, train_random=96, train_generated=32,
-    train_length=24, candidates=0, sigmas=(0.0, 0.3, 1.0, 3.0, 10.0), noise_k=1, utility_tokens=32,
+    train_length=24, candidates=0, fallback=0, sigmas=(0.0, 0.3, 1.0, 3.0, 10.0), noise_k=1, utility_tokens=32,
 )
 # The README's numbers: SmolLM2 at the splits users pick, ~10-15 minutes on 2 cores once the bundles exist.
 FULL = MeterConfig(
     model="smollm2", ks=(1, 2, 4, 8), prompts=50, max_prompt_tokens=24, train_random=192, train_generated=64,
-    train_length=32, candidates=64, sigmas=(0.0, 0.1, 0.25, 0.5, 1.0, 2.0), noise_k=4, utility_tokens=48,
+    train_length=32, candidates=64, fallback=512, sigmas=(0.0, 0.1, 0.25, 0.5, 1.0, 2.0), noise_k=4, utility_tokens=48,
 )

@@ -13,7 +13,7 @@ from privacy import texts
 from privacy.attacker_data import training_ids
 from privacy.attacks.inverter import Inverter
 from privacy.attacks.lens import logit_lens, nearest_embedding
-from privacy.attacks.replay import replay
+from privacy.attacks.replay import first_position_table, replay
 from privacy.boundary import batched_states, sent_states
 from privacy.config import MeterConfig
 from privacy.public_model import PublicModel
@@ -60,20 +60,43 @@ def split_like(flat: np.ndarray, truth: list[list[int]]) -> list[list[int]]:
 
 
 @dataclass
+class Prepared:
+    """The attacker's work per split layer, done once: its training states and the position-0 table."""
+
+    train_states: np.ndarray
+    train_seconds: float
+    first: np.ndarray
+    first_seconds: float
+
+    @classmethod
+    def at(cls, head: HeadRunner, train_ids: np.ndarray, vocab: int) -> Prepared:
+        started = time.perf_counter()
+        train_states = batched_states(head, train_ids)
+        train_seconds = time.perf_counter() - started
+        first = first_position_table(head, vocab)
+        first_seconds = time.perf_counter() - started - train_seconds
+        log.info("  attacker ran its %d training sequences (%.1f s) and all %d tokens at position 0 (%.1f s) "
+                 "through the public head", len(train_ids), train_seconds, vocab, first_seconds)
+        return cls(train_states, train_seconds, first, first_seconds)
+
+
+@dataclass
 class Attacker:
     """Everything the tail operator has: public weights, its own training text, and its runs of the public head."""
 
     public: PublicModel
     train_ids: np.ndarray
     candidates: int
+    fallback: int
     seed: int
 
-    def attack(self, head: HeadRunner, train_states: np.ndarray, train_seconds: float, prompts: list[list[int]],
+    def attack(self, head: HeadRunner, prepared: Prepared, prompts: list[list[int]],
                sigma: float) -> dict[str, Recovery]:
         """All attacks on what the client sends with boundary noise ``sigma``.
 
         The attacker knows the client code and sigma, so its inverter trains on equally noised states.
         """
+        train_states, train_seconds = prepared.train_states, prepared.train_seconds
         noise = BoundaryNoise(sigma, self.seed) if sigma else None
         sent = sent_states(head, prompts, noise)
         flat = np.concatenate(sent, axis=0)
@@ -92,8 +115,10 @@ class Attacker:
         fit_seconds = train_seconds + time.perf_counter() - started
         timed("inverter", lambda: split_like(inverter.top(flat, 1)[:, 0], prompts), fit_seconds)
         started = time.perf_counter()
-        replays = [replay(head, inverter, observed, self.candidates) for observed in sent]
-        results["replay"] = score([r.tokens for r in replays], prompts, time.perf_counter() - started + fit_seconds)
+        fallback = 0 if sigma else self.fallback
+        replays = [replay(head, inverter, observed, self.candidates, fallback, prepared.first) for observed in sent]
+        seconds = time.perf_counter() - started + fit_seconds + prepared.first_seconds
+        results["replay"] = score([r.tokens for r in replays], prompts, seconds)
         results["replay"].exact_matches = float(np.mean([e for r in replays for e in r.exact]))
         return results
 
@@ -154,26 +179,22 @@ def run(config: MeterConfig, pairs: dict[int, tuple[Bundle, Bundle]]) -> MeterRe
     started = time.perf_counter()
     train_ids = training_ids(public, config.train_random, config.train_generated, config.train_length, config.seed)
     log.info("  (%.1f s)", time.perf_counter() - started)
-    attacker = Attacker(public, train_ids, config.candidates, config.seed)
+    attacker = Attacker(public, train_ids, config.candidates, config.fallback, config.seed)
     result = MeterResult(config, manifest.model.id, manifest.model.vocab_size, len(prompts),
                          sum(len(p) for p in prompts))
     for k in config.ks:
         client, server = pairs[k]
         head = HeadRunner(client, PROVIDERS)
-        started = time.perf_counter()
-        train_states = batched_states(head, train_ids)
-        train_seconds = time.perf_counter() - started
-        log.info("K=%d: attacker ran its %d training sequences through the public head (%.1f s)", k,
-                 len(train_ids), train_seconds)
-        result.splits[k] = attacker.attack(head, train_states, train_seconds, prompts, 0.0)
+        log.info("K=%d:", k)
+        prepared = Prepared.at(head, train_ids, manifest.model.vocab_size)
+        result.splits[k] = attacker.attack(head, prepared, prompts, 0.0)
         log_row(f"K={k}", result.splits[k])
         if k != config.noise_k:
             continue
         lm_head = LmHeadRunner(client, PROVIDERS) if client.manifest.output_mode == "hidden" else None
         logits_of = TextLogits(head, TailRunner(server, PROVIDERS), lm_head)
         for sigma in config.sigmas:
-            attacks = result.splits[k] if sigma == 0 else attacker.attack(head, train_states, train_seconds,
-                                                                          prompts, sigma)
+            attacks = result.splits[k] if sigma == 0 else attacker.attack(head, prepared, prompts, sigma)
             cost = utility(logits_of, utility_texts, BoundaryNoise(sigma, config.seed + 2) if sigma else None)
             result.noise[sigma] = {"attacks": attacks, "utility": {**asdict(cost),
                                                                    "perplexity_change": cost.perplexity_change}}

@@ -60,13 +60,14 @@ def markdown(data: dict) -> str:
         f"## Boundary noise at K={noise['k']} (token recovery; utility cost)",
         "",
         "| sigma (x RMS) | " + " | ".join(LABELS[a] for a in ATTACKS)
-        + " | greedy agreement | perplexity change |",
+        + " | greedy agreement | perplexity (clean -> noisy) |",
         "|---|" + "---|" * (len(ATTACKS) + 2),
     ]
     for row in noise["sweep"]:
         cells = [pct(row["attacks"][a]["token_recovery"]) for a in ATTACKS]
         u = row["utility"]
-        cells += [pct(u["greedy_agreement"]), f"{100 * u['perplexity_change']:+.1f}%"]
+        ratio = u["perplexity"] / u["perplexity_clean"]
+        cells += [pct(u["greedy_agreement"]), f"{u['perplexity_clean']:.1f} -> {u['perplexity']:.1f} (x{ratio:.2f})"]
         lines.append(f"| {row['sigma']:g} | " + " | ".join(cells) + " |")
     halving = ", ".join(
         f"{LABELS[a]} {'sigma ' + format(s, 'g') if s is not None else 'none (not within the sweep, or at chance)'}"
