@@ -41,7 +41,7 @@ def markdown(data: dict) -> str:
         f"{data['heldout']['prompts']} held-out prompts ({data['heldout']['tokens']} tokens, at most "
         f"{cfg['max_prompt_tokens']} each); attacker trained on {cfg['train_random']} random + "
         f"{cfg['train_generated']} self-generated sequences of {cfg['train_length']} tokens; replay tries "
-        f"{cfg['candidates'] or 'all'} candidates per position. Chance: {pct(data['chance'])} per token.",
+        f"{cfg['candidates'] or 'all'} candidates per position. Chance: {100 * data['chance']:.2g}% per token.",
         "",
         "## Recovery by split layer K (tokens / whole prompts; attack time)",
         "",
