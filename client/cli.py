@@ -16,7 +16,9 @@ from client.settings import ClientSettings
 from client.tokenizer import ChatTokenizer, StreamDecoder
 from splitcore.errors import SplitError
 from splitcore.generation import LocalTail, SplitGenerator, TailLink
-from splitcore.graphs import HeadRunner, TailRunner
+from splitcore.graphs import HeadRunner, LmHeadRunner, TailRunner
+from splitcore.manifest import Bundle
+from splitcore.noise import BoundaryNoise
 from splitcore.sampling import SamplingParams
 
 log = logging.getLogger("client")
@@ -36,6 +38,7 @@ SETTING_FLAGS = {
     "--repetition-penalty": ("repetition_penalty", float, "penalty on already generated tokens"),
     "--seed": ("seed", int, "seed for reproducible sampling"),
     "--system": ("system_prompt", str, "system prompt"),
+    "--noise-sigma": ("noise_sigma", float, "noise on the hidden states sent, times their RMS (0: none)"),
 }
 
 
@@ -91,6 +94,13 @@ def sampling(settings: ClientSettings) -> SamplingParams:
     )
 
 
+def lm_head(client_bundle: Bundle, settings: ClientSettings) -> LmHeadRunner | None:
+    """The client-side LM head of a private-output bundle; None when the tail returns logits."""
+    if client_bundle.manifest.output_mode != "hidden":
+        return None
+    return LmHeadRunner(client_bundle, ["CPUExecutionProvider"], settings.intra_op_threads)
+
+
 class Split:
     """The client side of the split: the head, and a factory of tail links (in process or remote)."""
 
@@ -99,9 +109,16 @@ class Split:
         self.bundle = find_bundle(settings.bundle, "client")
         self.tokenizer = ChatTokenizer(self.bundle)
         self.head = HeadRunner(self.bundle, ["CPUExecutionProvider"], settings.intra_op_threads)
+        self.lm_head = lm_head(self.bundle, settings)
+        self.noise = BoundaryNoise(settings.noise_sigma) if settings.noise_sigma > 0 else None
         self.local_tail = None
         if local:
             server = find_bundle(settings.bundle, "server")
+            if server.manifest_sha256 != self.bundle.manifest_sha256:
+                raise SplitError(
+                    f"the client bundle {self.bundle.root} and the server bundle {server.root} come from different "
+                    "exports; point --bundle at one export output directory"
+                )
             self.local_tail = TailRunner(server, ["CPUExecutionProvider"], settings.intra_op_threads)
         self.links: list[TailLink] = []
 
@@ -118,15 +135,15 @@ class Split:
         ``max_length``: positions to reserve on the tail service, overriding the settings.
         """
         if self.local_tail is not None:
-            link: TailLink = LocalTail(self.local_tail, params)
+            link: TailLink = LocalTail(self.local_tail, params, self.lm_head)
         else:
             from client.remote import RemoteTail
 
             settings = self.settings
             if max_length is not None:
                 settings = settings.model_copy(update={"max_length": max_length})
-            link = RemoteTail.open(self.bundle, settings, params)
-        return SplitGenerator(self.head, link, self.settings.prefill_chunk)
+            link = RemoteTail.open(self.bundle, settings, params, self.lm_head)
+        return SplitGenerator(self.head, link, self.settings.prefill_chunk, self.noise)
 
     def traffic(self) -> str:
         return "".join(link.traffic_report() for link in self.links if hasattr(link, "traffic_report"))

@@ -21,6 +21,8 @@ import numpy as np
 from client.settings import ClientSettings
 from splitcore import protocol, wire
 from splitcore.errors import SplitError
+from splitcore.generation import TokenChooser
+from splitcore.graphs import LmHeadRunner
 from splitcore.manifest import Bundle
 from splitcore.sampling import Choice, SamplingParams
 
@@ -60,8 +62,10 @@ class RemoteTail:
     """A TailLink that runs the tail on the service; one instance is one conversation."""
 
     def __init__(self, bundle: Bundle, settings: ClientSettings, params: SamplingParams,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 lm_head: LmHeadRunner | None = None, sleep: Callable[[float], None] = time.sleep) -> None:
         self.bundle = bundle
+        # Private-output mode: the service returns the final hidden state and the token is chosen here.
+        self.chooser = TokenChooser(params, lm_head) if bundle.manifest.output_mode == "hidden" else None
         self.settings = settings
         self.params = params
         self.sleep = sleep
@@ -86,8 +90,9 @@ class RemoteTail:
         self.replays = 0
 
     @classmethod
-    def open(cls, bundle: Bundle, settings: ClientSettings, params: SamplingParams) -> RemoteTail:
-        tail = cls(bundle, settings, params)
+    def open(cls, bundle: Bundle, settings: ClientSettings, params: SamplingParams,
+             lm_head: LmHeadRunner | None = None) -> RemoteTail:
+        tail = cls(bundle, settings, params, lm_head)
         tail.with_retries(tail.open_session)
         return tail
 
@@ -112,11 +117,17 @@ class RemoteTail:
         self.traffic.steps += 1
         if not sample:
             return None
+        if self.chooser is not None:
+            choice = self.chooser.choose(wire.decode(result).astype(np.float32)[0, -1])
+            self.generated.append(choice.token)
+            return choice
+        result = protocol.StepResult.model_validate_json(result)
         assert result.token is not None
         self.generated.append(result.token)
         return Choice(result.token, result.logprob or 0.0, [tuple(t) for t in result.top_logprobs])
 
-    def send(self, frame: bytes, past_length: int, sample: bool) -> protocol.StepResult:
+    def send(self, frame: bytes, past_length: int, sample: bool) -> bytes:
+        """The raw answer: a JSON step result, or in private-output mode a frame of the final hidden state."""
         if self.session_id is None:
             self.replay()
         response = self.request(
@@ -124,7 +135,7 @@ class RemoteTail:
             headers={"Content-Type": wire.MEDIA_TYPE, protocol.PAST_LENGTH_HEADER: str(past_length),
                      protocol.SAMPLE_HEADER: "1" if sample else "0"},
         )
-        return protocol.StepResult.model_validate(response.json())
+        return response.content
 
     def replay(self) -> None:
         """A fresh session, fed every frame the lost one had (no sampling), so it holds the same KV cache."""

@@ -27,3 +27,6 @@ class ClientSettings(BaseSettings):
     max_length: int | None = Field(None, ge=1, description="positions to reserve on the server (None: its default)")
     prefill_chunk: int = Field(512, ge=1)
     intra_op_threads: int = Field(0, ge=0, description="0 lets onnxruntime choose")
+    noise_sigma: float = Field(
+        0.0, ge=0, description="Gaussian noise added to the hidden states sent, as a multiple of each position's RMS"
+    )

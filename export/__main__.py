@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from export import bundle as bundles
-from export.onnx_graphs import export_full, export_head, export_tail
+from export.onnx_graphs import export_full, export_head, export_lm_head, export_tail
 from export.quantize import SCHEMES, quantize_head
 from export.sources import load_model
 from export.validate import validate, validate_full
@@ -50,12 +50,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quantize-head", choices=sorted(SCHEMES), default=None,
                    help="dynamically quantize the head's weights (int8: smaller and faster on CPU, within a looser "
                         "tolerance that validation states)")
+    p.add_argument("--private-output", action="store_true",
+                   help="the tail returns final hidden states and the client bundle gets the final norm + LM head "
+                        "(lm_head.onnx), so the server never sees logits or output tokens")
     args = p.parse_args(argv)
     if args.split_layer < 1:
         p.error(f"--split-layer must be in 1..N-1 (N = number of layers), got {args.split_layer}")
     if args.out is None:
         name = args.model.replace("random:", "random-").rstrip("/").split("/")[-1].removesuffix(".gguf")
         suffix = ("-fp16" if args.dtype == "fp16" else "") + (f"-{args.quantize_head}" if args.quantize_head else "")
+        suffix += "-private" if args.private_output else ""
         args.out = Path("bundles") / f"{name}-k{args.split_layer}{suffix}"
     return args
 
@@ -68,6 +72,8 @@ def export_args(args: argparse.Namespace) -> dict:
         wanted["full"] = True
     if args.quantize_head:
         wanted["quantize_head"] = args.quantize_head
+    if args.private_output:
+        wanted["output_mode"] = "hidden"
     return wanted
 
 
@@ -104,7 +110,7 @@ def run(args: argparse.Namespace) -> None:
     check_writable(args.out, roles)
     dtype = DTYPES[args.dtype]
 
-    step = _Steps(5 + bool(args.full) + bool(args.quantize_head))
+    step = _Steps(5 + bool(args.full) + bool(args.quantize_head) + bool(args.private_output))
     step("loading %s", args.model)
     loaded = load_model(args.model, args.revision, args.seed)
     model = loaded.model
@@ -118,9 +124,16 @@ def run(args: argparse.Namespace) -> None:
     # The head runs on the user's CPU, where fp32 is the fast and exact choice; --dtype is the tail's.
     head = export_head(model, args.split_layer, torch.float32, args.out / bundles.CLIENT / "head.onnx")
     gc.collect()
-    step("exporting tail (%s): layers [%d, %d) + norm + LM head", args.dtype, args.split_layer, n)
     tail_model = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
-    tail = export_tail(tail_model, args.split_layer, dtype, args.out / bundles.SERVER / "tail.onnx")
+    lm_head = None
+    if args.private_output:
+        step("exporting tail (%s): layers [%d, %d), returning final hidden states", args.dtype, args.split_layer, n)
+        tail = export_tail(tail_model, args.split_layer, dtype, args.out / bundles.SERVER / "tail.onnx", True)
+        step("exporting the client's final norm + LM head")
+        lm_head = export_lm_head(tail_model, dtype, args.out / bundles.CLIENT / "lm_head.onnx")
+    else:
+        step("exporting tail (%s): layers [%d, %d) + norm + LM head", args.dtype, args.split_layer, n)
+        tail = export_tail(tail_model, args.split_layer, dtype, args.out / bundles.SERVER / "tail.onnx")
     gc.collect()
     full = None
     if args.full:
@@ -141,8 +154,10 @@ def run(args: argparse.Namespace) -> None:
         split_layer=args.split_layer,
         head=head,
         tail=tail,
+        output_mode="hidden" if args.private_output else "logits",
+        lm_head=lm_head,
         tokenizer=tokenizer,
-        files=bundles.file_entries(args.out, head, tail, tokenizer, full),
+        files=bundles.file_entries(args.out, head, tail, tokenizer, full, lm_head),
         tools=bundles.tool_versions(),
         export={"args": wanted, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
     )

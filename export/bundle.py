@@ -73,9 +73,12 @@ def write_tokenizer(tokenizer: PreTrainedTokenizerBase, generation_eos, client_d
 
 
 def file_entries(
-    out: Path, head: GraphSpec, tail: GraphSpec, tokenizer: TokenizerSpec | None, full: GraphSpec | None = None
+    out: Path, head: GraphSpec, tail: GraphSpec, tokenizer: TokenizerSpec | None, full: GraphSpec | None = None,
+    lm_head: GraphSpec | None = None,
 ) -> dict:
     roles = {CLIENT: [head.file, head.data_file], SERVER: [tail.file, tail.data_file]}
+    if lm_head is not None:
+        roles[CLIENT] += [lm_head.file, lm_head.data_file]
     if tokenizer is not None:
         roles[CLIENT] += [tokenizer.file, tokenizer.chat_template_file]
     if full is not None:

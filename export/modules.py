@@ -92,15 +92,20 @@ class Head(LayerSpan):
         return (hidden, *presents)
 
 
-def last_logits(
-    norm: nn.Module, lm_head: nn.Module, hidden: torch.Tensor, logits_to_keep: torch.Tensor
-) -> torch.Tensor:
-    """Norm + LM head over the last ``logits_to_keep`` positions (0: all of them), as transformers counts them."""
+def last_positions(hidden: torch.Tensor, logits_to_keep: torch.Tensor) -> torch.Tensor:
+    """The last ``logits_to_keep`` positions (0: all of them), as transformers counts them."""
     seq = hidden.shape[1]
     keep = torch.where(logits_to_keep > 0, logits_to_keep, seq)
     start = seq - keep
     index = torch.arange(seq, device=hidden.device)
-    return lm_head(norm(hidden[:, index >= start, :]))
+    return hidden[:, index >= start, :]
+
+
+def last_logits(
+    norm: nn.Module, lm_head: nn.Module, hidden: torch.Tensor, logits_to_keep: torch.Tensor
+) -> torch.Tensor:
+    """Norm + LM head over the last ``logits_to_keep`` positions only: prefill pays for one vocab matmul."""
+    return lm_head(norm(last_positions(hidden, logits_to_keep)))
 
 
 class Tail(LayerSpan):
@@ -108,15 +113,23 @@ class Tail(LayerSpan):
 
     ``logits_to_keep`` follows the transformers convention: 0 keeps every position, n keeps the last n. Prefill
     asks for 1, so the vocab-sized matmul runs once instead of once per prompt token.
+
+    With ``private_output`` the tail stops after layer N-1, before the final norm, and returns the kept positions'
+    residual stream; ``LmHead`` then runs on the client. Stopping before the norm keeps the tail a plain layer span
+    like the head and puts every output-side weight (norm and LM head) in the client's graph.
     """
 
-    def __init__(self, model: nn.Module, split_layer: int) -> None:
+    def __init__(self, model: nn.Module, split_layer: int, private_output: bool = False) -> None:
         super().__init__(model, split_layer, len(model.model.layers))
-        self.norm = model.model.norm
-        self.lm_head = model.lm_head
+        self.private_output = private_output
+        if not private_output:
+            self.norm = model.model.norm
+            self.lm_head = model.lm_head
 
     def forward(self, hidden_states, attention_mask, position_ids, logits_to_keep, *past):
         hidden, presents = self.run_layers(hidden_states, attention_mask, position_ids, past)
+        if self.private_output:
+            return (last_positions(hidden, logits_to_keep), *presents)
         return (last_logits(self.norm, self.lm_head, hidden, logits_to_keep), *presents)
 
 
@@ -136,3 +149,15 @@ class Full(LayerSpan):
     def forward(self, input_ids, attention_mask, position_ids, logits_to_keep, *past):
         hidden, presents = self.run_layers(self.embed_tokens(input_ids), attention_mask, position_ids, past)
         return (last_logits(self.norm, self.lm_head, hidden, logits_to_keep), *presents)
+
+
+class LmHead(nn.Module):
+    """Final norm + LM head: final hidden states -> logits. The client's graph in private-output mode."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.norm = model.model.norm
+        self.lm_head = model.lm_head
+
+    def forward(self, final_hidden_states):
+        return self.lm_head(self.norm(final_hidden_states))

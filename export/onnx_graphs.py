@@ -13,7 +13,7 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
-from export.modules import Full, Head, Tail
+from export.modules import Full, Head, LmHead, Tail
 from splitcore import names
 from splitcore.manifest import GraphSpec, TensorSpec
 
@@ -33,12 +33,15 @@ def export_head(model: torch.nn.Module, split_layer: int, dtype: torch.dtype, pa
     return _export(module, model, layers, first, first_name, first_dims, names.HIDDEN_STATES, dtype, path, False)
 
 
-def export_tail(model: torch.nn.Module, split_layer: int, dtype: torch.dtype, path: Path) -> GraphSpec:
-    module = Tail(model, split_layer)
+def export_tail(
+    model: torch.nn.Module, split_layer: int, dtype: torch.dtype, path: Path, private_output: bool = False
+) -> GraphSpec:
+    module = Tail(model, split_layer, private_output)
     first = torch.randn(EXAMPLE_BATCH, EXAMPLE_SEQ, model.config.hidden_size, dtype=dtype)
     first_name, first_dims = names.HIDDEN_STATES, {0: names.BATCH, 1: names.SEQUENCE}
     layers = range(split_layer, model.config.num_hidden_layers)
-    return _export(module, model, layers, first, first_name, first_dims, names.LOGITS, dtype, path, True)
+    output = names.FINAL_HIDDEN_STATES if private_output else names.LOGITS
+    return _export(module, model, layers, first, first_name, first_dims, output, dtype, path, True)
 
 
 def export_full(model: torch.nn.Module, dtype: torch.dtype, path: Path) -> GraphSpec:
@@ -48,6 +51,31 @@ def export_full(model: torch.nn.Module, dtype: torch.dtype, path: Path) -> Graph
     first_name, first_dims = names.INPUT_IDS, {0: names.BATCH, 1: names.SEQUENCE}
     layers = range(0, model.config.num_hidden_layers)
     return _export(module, model, layers, first, first_name, first_dims, names.LOGITS, dtype, path, True)
+
+
+def export_lm_head(model: torch.nn.Module, dtype: torch.dtype, path: Path) -> GraphSpec:
+    """Final norm + LM head as its own graph for the client (private-output mode); it holds no decoder layer."""
+    module = LmHead(model).eval()
+    first = torch.randn(EXAMPLE_BATCH, EXAMPLE_SEQ, model.config.hidden_size, dtype=dtype)
+    dims = {0: names.BATCH, 1: names.SEQUENCE}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
+        program = torch.onnx.export(
+            module,
+            (first,),
+            input_names=[names.FINAL_HIDDEN_STATES],
+            output_names=[names.LOGITS],
+            dynamic_shapes=(dims,),
+            opset_version=OPSET,
+            dynamo=True,
+            optimize=True,
+            verbose=False,
+        )
+        program.save(str(path), external_data=True)
+    del program
+    gc.collect()
+    n = model.config.num_hidden_layers
+    return graph_spec(path, range(n, n), DTYPE_NAMES[dtype])
 
 
 def _export(
@@ -116,7 +144,7 @@ def _tidy(path: Path, keeps_logits: bool) -> None:
                 continue
             if output.name.startswith("present."):
                 dim.dim_param = names.TOTAL_SEQUENCE if i == 2 else dim.dim_param
-            elif output.name == names.LOGITS and i == 1:
+            elif output.name in (names.LOGITS, names.FINAL_HIDDEN_STATES) and i == 1:
                 dim.dim_param = names.KEPT_SEQUENCE
     if keeps_logits:
         # An initializer with the name of a graph input is a default that callers may override.

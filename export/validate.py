@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from export import parity
-from splitcore.graphs import FullRunner, HeadRunner, TailRunner, positions_for
+from splitcore.graphs import FullRunner, HeadRunner, LmHeadRunner, TailRunner, positions_for
 from splitcore.manifest import Bundle
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,11 @@ def _reference(model: torch.nn.Module, vocab_size: int, seed: int):
 
 
 def validate(model: torch.nn.Module, client: Bundle, server: Bundle, seed: int = 0) -> dict:
-    """Returns the measured differences; raises ParityError past the tolerance for the bundle's dtype."""
+    """Returns the measured differences; raises ParityError past the tolerance for the bundle's dtype.
+
+    In private-output mode the logits are the client's LM head applied to the tail's final hidden states: the
+    check covers the split exactly as the user runs it.
+    """
     manifest = client.manifest
     k = manifest.split_layer
     input_ids, mask, positions, reference = _reference(model, manifest.model.vocab_size, seed)
@@ -48,6 +52,7 @@ def validate(model: torch.nn.Module, client: Bundle, server: Bundle, seed: int =
     ref_logits = reference.logits.float().numpy()
 
     head, tail = HeadRunner(client, ["CPUExecutionProvider"]), TailRunner(server, ["CPUExecutionProvider"])
+    lm_head = LmHeadRunner(client, ["CPUExecutionProvider"]) if manifest.output_mode == "hidden" else None
     head_cache, tail_cache = head.new_cache(2), tail.new_cache(2)
     hidden_parts, logit_parts = [], []
     for start, end in CHUNKS:
@@ -55,6 +60,8 @@ def validate(model: torch.nn.Module, client: Bundle, server: Bundle, seed: int =
         chunk_positions = positions[:, start:end]
         hidden = head.forward(input_ids[:, start:end], chunk_mask, chunk_positions, head_cache)
         logits = tail.forward(hidden, chunk_mask, chunk_positions, tail_cache, logits_to_keep=0)
+        if lm_head is not None:
+            logits = lm_head.forward(logits)
         hidden_parts.append(hidden)
         logit_parts.append(logits)
     hidden = np.concatenate(hidden_parts, axis=1).astype(np.float32)

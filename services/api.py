@@ -126,12 +126,14 @@ async def step(
         started = time.perf_counter()
         check_positions(session, x_past_length, hidden.shape[1])
         if hidden.shape[1] == 1 and service.batcher is not None:
-            logits = await service.batcher.step(session.cache, hidden)
+            output = await service.batcher.step(session.cache, hidden)
         else:
-            logits = await run_in_threadpool(run_one, service.tail, session.cache, hidden)
+            output = await run_in_threadpool(run_one, service.tail, session.cache, hidden)
         result = protocol.StepResult(token=None, length=session.length)
-        if x_return == "token" and x_sample:
-            choice = session.sampler.choose(logits, session.generated, session.top_logprobs)
+        # Private-output bundles end before the final norm: no logits, no token here; the client samples.
+        private = service.bundle.manifest.output_mode == "hidden"
+        if x_return == "token" and x_sample and not private:
+            choice = session.sampler.choose(output, session.generated, session.top_logprobs)
             session.generated.append(choice.token)
             result = protocol.StepResult(token=choice.token, logprob=choice.logprob, top_logprobs=choice.top,
                                          length=session.length)
@@ -141,8 +143,9 @@ async def step(
     service.metrics.positions.inc(hidden.shape[1])
     log.debug("step %s +%d -> %d in %.1f ms", session_id, hidden.shape[1], session.length, elapsed * 1000,
               extra={"session": session_id, "positions": hidden.shape[1], "ms": round(elapsed * 1000, 2)})
-    if x_return == "logits":
-        return Response(wire.encode(logits.astype(np.float32)), media_type=wire.MEDIA_TYPE,
+    if (private and x_sample) or x_return == "logits":
+        frame = output[None, None, :] if private else output.astype(np.float32)
+        return Response(wire.encode(frame), media_type=wire.MEDIA_TYPE,
                         headers={protocol.PAST_LENGTH_HEADER: str(session.length)})
     return result
 

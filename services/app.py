@@ -103,6 +103,7 @@ def create_app(settings: ServerSettings, bundle: Bundle | None = None, preloaded
             "model": service.bundle.manifest.model.id,
             "layers": list(service.bundle.manifest.tail.layers),
             "manifest_sha256": service.bundle.manifest_sha256,
+            "output_mode": service.bundle.manifest.output_mode,
             "sessions": len(service.store.sessions),
         }
         return JSONResponse(body, status_code=503 if service.draining else 200)

@@ -11,7 +11,9 @@ from typing import Protocol
 
 import numpy as np
 
-from splitcore.graphs import HeadRunner, TailRunner
+from splitcore.errors import ManifestError
+from splitcore.graphs import HeadRunner, LmHeadRunner, TailRunner
+from splitcore.noise import BoundaryNoise
 from splitcore.sampling import Choice, Sampler, SamplingParams
 
 
@@ -25,14 +27,40 @@ class TailLink(Protocol):
     def step(self, hidden_states: np.ndarray, past_length: int, sample: bool = True) -> Choice | None: ...
 
 
-class LocalTail:
-    """The tail graph in this process, with its own KV cache and sampler."""
+class TokenChooser:
+    """Turns the tail's output for the last position into the next token, on the client.
 
-    def __init__(self, runner: TailRunner, params: SamplingParams) -> None:
+    In output mode "logits" that output is the logits. In mode "hidden" it is the final hidden state and the
+    client bundle's LM head makes the logits here, so the tail operator never sees logits or token ids. A remote
+    tail link uses the same chooser with what the server sent back.
+    """
+
+    def __init__(self, params: SamplingParams, lm_head: LmHeadRunner | None = None) -> None:
+        self.sampler = Sampler(params)
+        self.lm_head = lm_head
+        self.generated: list[int] = []
+
+    def choose(self, output: np.ndarray) -> Choice:
+        """``output``: the last position's logits [vocab], or its final hidden state [hidden] with an LM head."""
+        logits = output if self.lm_head is None else self.lm_head.forward(output[None, None, :])[0, 0]
+        choice = self.sampler.choose(logits, self.generated)
+        self.generated.append(choice.token)
+        return choice
+
+
+class LocalTail:
+    """The tail graph in this process, with its own KV cache; the next token is chosen by a ``TokenChooser``."""
+
+    def __init__(self, runner: TailRunner, params: SamplingParams, lm_head: LmHeadRunner | None = None) -> None:
+        mode = runner.bundle.manifest.output_mode
+        if (mode == "hidden") != (lm_head is not None):
+            raise ManifestError(
+                f"the tail bundle has output_mode {mode!r}: "
+                + ("it needs the client bundle's LM head" if mode == "hidden" else "it returns logits, pass no LM head")
+            )
         self.runner = runner
         self.cache = runner.new_cache()
-        self.sampler = Sampler(params)
-        self.generated: list[int] = []
+        self.chooser = TokenChooser(params, lm_head)
 
     def step(self, hidden_states: np.ndarray, past_length: int, sample: bool = True) -> Choice | None:
         if past_length != self.cache.length:
@@ -40,23 +68,28 @@ class LocalTail:
         total = past_length + hidden_states.shape[1]
         mask = np.ones((1, total), dtype=np.int64)
         positions = np.arange(past_length, total, dtype=np.int64)[None, :]
-        logits = self.runner.forward(hidden_states, mask, positions, self.cache, logits_to_keep=1)
+        output = self.runner.forward(hidden_states, mask, positions, self.cache, logits_to_keep=1)
         if not sample:
             return None
-        choice = self.sampler.choose(logits[0, -1], self.generated)
-        self.generated.append(choice.token)
-        return choice
+        return self.chooser.choose(output[0, -1])
 
 
 class SplitGenerator:
-    """One sequence through the head and a tail link; keeps the head's KV cache and the ids it holds."""
+    """One sequence through the head and a tail link; keeps the head's KV cache and the ids it holds.
 
-    def __init__(self, head: HeadRunner, tail: TailLink, prefill_chunk: int = 512) -> None:
+    ``noise`` is applied to every hidden-state chunk after the head and before the tail link, i.e. to exactly what
+    leaves the machine; the head's own KV cache stays noise-free.
+    """
+
+    def __init__(
+        self, head: HeadRunner, tail: TailLink, prefill_chunk: int = 512, noise: BoundaryNoise | None = None
+    ) -> None:
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.head = head
         self.tail = tail
         self.prefill_chunk = prefill_chunk
+        self.noise = noise
         self.cache = head.new_cache()
         self.ids: list[int] = []
         self.pending: int | None = None
@@ -77,6 +110,8 @@ class SplitGenerator:
             mask = np.ones((1, total), dtype=np.int64)
             positions = np.arange(past, total, dtype=np.int64)[None, :]
             hidden = self.head.forward(chunk, mask, positions, self.cache)
+            if self.noise is not None:
+                hidden = self.noise(hidden)
             last = start + self.prefill_chunk >= len(ids)
             choice = self.tail.step(hidden, past, sample=last)
             self.ids.extend(int(i) for i in chunk[0])

@@ -108,7 +108,11 @@ class TailRunner(GraphRunner):
         cache: KVCache,
         logits_to_keep: int = 1,
     ) -> np.ndarray:
-        """Hidden states at the split -> logits [batch, kept, vocab]; 0 keeps every position, n the last n."""
+        """Hidden states at the split -> the tail's output for the last ``logits_to_keep`` positions (0: all).
+
+        That output is ``logits`` [batch, kept, vocab] in output mode "logits" and ``final_hidden_states``
+        [batch, kept, hidden] in output mode "hidden" (see ``LmHeadRunner``).
+        """
         keep = {names.LOGITS_TO_KEEP: np.array(logits_to_keep, dtype=np.int64)}
         return self.run(hidden_states.astype(self.dtype, copy=False), attention_mask, position_ids, cache, keep)
 
@@ -130,6 +134,37 @@ class FullRunner(GraphRunner):
         """Token ids [batch, seq] -> logits [batch, kept, vocab]; 0 keeps every position, n the last n."""
         keep = {names.LOGITS_TO_KEEP: np.array(logits_to_keep, dtype=np.int64)}
         return self.run(input_ids, attention_mask, position_ids, cache, keep)
+
+
+class LmHeadRunner:
+    """The final norm + LM head of a private-output client bundle: final hidden states -> logits, on this machine."""
+
+    def __init__(self, bundle: Bundle, providers: Sequence[str] | None = None, intra_op_threads: int = 0) -> None:
+        spec = bundle.manifest.lm_head
+        if spec is None:
+            raise ManifestError(
+                f"the bundle in {bundle.root} has output_mode {bundle.manifest.output_mode!r} and no lm_head graph; "
+                "export with --private-output to run the LM head on the client"
+            )
+        self.spec = spec
+        self.dtype = NUMPY_DTYPES[spec.dtype]
+        self.providers = choose_providers(providers)
+        path = bundle.path(spec.file)
+        log.info("loading lm_head graph %s on %s", path, self.providers[0])
+        self.session = ort.InferenceSession(str(path), session_options(intra_op_threads), providers=self.providers)
+        self.input_name = spec.inputs[0].name
+        self.output_name = spec.outputs[0].name
+        self.hidden_size = bundle.manifest.model.hidden_size
+
+    def forward(self, final_hidden_states: np.ndarray) -> np.ndarray:
+        """[batch, seq, hidden] -> logits [batch, seq, vocab]."""
+        if final_hidden_states.ndim != 3 or final_hidden_states.shape[-1] != self.hidden_size:
+            raise ShapeError(
+                f"lm_head: {self.input_name} has shape {final_hidden_states.shape}, expected "
+                f"(batch, sequence, {self.hidden_size})"
+            )
+        feeds = {self.input_name: final_hidden_states.astype(self.dtype, copy=False)}
+        return self.session.run([self.output_name], feeds)[0]
 
 
 def positions_for(attention_mask: np.ndarray, seq: int) -> np.ndarray:

@@ -15,14 +15,22 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
+from splitcore import names
 from splitcore.errors import ManifestError
 
-SCHEMA_VERSION = 1
+# 2 added ``output_mode`` and ``lm_head``. A version-1 manifest reads as output_mode "logits" (all it could be);
+# a manifest newer than this code is refused, since its meaning may have changed.
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 MANIFEST_FILE = "manifest.json"
 
 # "full" is the unsplit single-graph bundle that benchmarks compare the split against.
 Role = Literal["client", "server", "full"]
 DType = Literal["int64", "float32", "float16"]
+# "logits": the tail ends with the final norm + LM head and returns ``logits``; the server sees the output
+# distribution. "hidden": the tail returns ``final_hidden_states`` (after layer N-1, before the final norm) and the
+# client bundle's ``lm_head`` graph (final norm + LM head) turns them into logits on the user's machine.
+OutputMode = Literal["logits", "hidden"]
 
 
 class _Strict(BaseModel):
@@ -100,6 +108,8 @@ class Manifest(_Strict):
     tail: GraphSpec
     # Optional unsplit graph (layers [0, N) + norm + LM head), written by `python -m export --full`.
     full: GraphSpec | None = None
+    output_mode: OutputMode = "logits"
+    lm_head: GraphSpec | None = None
     tokenizer: TokenizerSpec | None
     files: dict[str, FileEntry]
     validation: dict
@@ -115,6 +125,18 @@ class Manifest(_Strict):
             raise ValueError(f"graph layer spans {self.head.layers}, {self.tail.layers} do not cut {n} layers at {k}")
         if self.full is not None and tuple(self.full.layers) != (0, n):
             raise ValueError(f"full graph spans layers {self.full.layers}, expected (0, {n})")
+        tail_out = self.tail.outputs[0].name
+        if self.output_mode == "logits":
+            if self.lm_head is not None or tail_out != names.LOGITS:
+                raise ValueError(f"output_mode 'logits' needs a tail returning {names.LOGITS!r} and no lm_head graph")
+        else:
+            if self.lm_head is None or tail_out != names.FINAL_HIDDEN_STATES:
+                raise ValueError(
+                    f"output_mode 'hidden' needs a tail returning {names.FINAL_HIDDEN_STATES!r} (got {tail_out!r}) "
+                    "and an lm_head graph"
+                )
+            if self.lm_head.inputs[0].name != tail_out or self.lm_head.outputs[0].name != names.LOGITS:
+                raise ValueError(f"lm_head must map {tail_out!r} to {names.LOGITS!r}")
         return self
 
     @property
@@ -159,10 +181,10 @@ def parse_manifest(raw: bytes, where: str = "manifest") -> Manifest:
     except json.JSONDecodeError as e:
         raise ManifestError(f"{where} is not valid JSON ({e}); re-run the export") from None
     version = data.get("schema_version") if isinstance(data, dict) else None
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_SCHEMA_VERSIONS:
         raise ManifestError(
-            f"{where} has schema_version {version!r}, this code reads {SCHEMA_VERSION}; re-run the export "
-            "with this version of the project"
+            f"{where} has schema_version {version!r}, this code reads {list(READABLE_SCHEMA_VERSIONS)}; re-run the "
+            "export with this version of the project"
         )
     try:
         return Manifest.model_validate(data)

@@ -8,6 +8,8 @@ HIDDEN_STATES = "hidden_states"
 ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
 LOGITS = "logits"
+# Private-output mode: the tail returns the residual stream after its last layer, before the final norm.
+FINAL_HIDDEN_STATES = "final_hidden_states"
 LOGITS_TO_KEEP = "logits_to_keep"
 
 BATCH = "batch_size"

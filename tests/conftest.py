@@ -17,23 +17,25 @@ TINY = "random:tiny"
 
 @pytest.fixture(scope="session")
 def export_bundle(tmp_path_factory):
-    """export_bundle(model, split_layer, dtype, full, quantize_head) -> output dir, exported once per argument set."""
+    """export_bundle(model, split_layer, dtype, full, quantize_head, private_output) -> output dir, exported once."""
 
     def make(model: str = TINY, split_layer: int = 2, dtype: str = "fp32", full: bool = False,
-             quantize_head: str | None = None) -> Path:
+             quantize_head: str | None = None, private_output: bool = False) -> Path:
         # The bundle most tests share also carries the unsplit graph, so the bench tests need no export of their own.
-        if (model, split_layer, dtype, quantize_head) == (TINY, 2, "fp32", None):
+        if (model, split_layer, dtype, quantize_head, private_output) == (TINY, 2, "fp32", None, False):
             full = True
-        return exported(model, split_layer, dtype, full, quantize_head)
+        return exported(model, split_layer, dtype, full, quantize_head, private_output)
 
     @functools.cache
-    def exported(model: str, split_layer: int, dtype: str, full: bool, quantize_head: str | None) -> Path:
+    def exported(model: str, split_layer: int, dtype: str, full: bool, quantize_head: str | None,
+                 private_output: bool) -> Path:
         extra = (["--full"] if full else []) + (["--quantize-head", quantize_head] if quantize_head else [])
+        extra += ["--private-output"] if private_output else []
         name = f"{model.replace(':', '-')}-k{split_layer}-{dtype}" + "".join(a.strip("-") for a in extra)
         out = tmp_path_factory.mktemp(name)
         code = export_main(["--model", model, "--split-layer", str(split_layer), "--dtype", dtype, "--out", str(out),
                             *extra])
-        assert code == 0, f"export of {model} at K={split_layer} ({dtype}) failed with exit code {code}"
+        assert code == 0, f"export of {model} at K={split_layer} ({dtype} {extra}) failed with exit code {code}"
         return out
 
     return make

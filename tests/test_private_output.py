@@ -1,0 +1,91 @@
+"""Private-output mode: the tail returns final hidden states and the client's LM head makes the logits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import TINY, bundles
+
+from client.cli import main as client_main
+from export import parity
+from splitcore.errors import ManifestError
+from splitcore.generation import LocalTail, SplitGenerator
+from splitcore.graphs import HeadRunner, LmHeadRunner, TailRunner
+from splitcore.sampling import SamplingParams
+
+K = 2
+
+
+def test_manifest_announces_hidden_mode_and_client_lm_head(export_bundle):
+    client, server = bundles(export_bundle(TINY, K, private_output=True))
+    m = client.manifest
+    assert m.schema_version == 2 and m.output_mode == "hidden"
+    assert m.tail.outputs[0].name == "final_hidden_states"
+    assert m.tail.outputs[0].shape == ["batch_size", "kept_sequence_length", m.model.hidden_size]
+    assert [t.name for t in m.lm_head.inputs] == ["final_hidden_states"]
+    assert m.lm_head.outputs[0].shape[-1] == m.model.vocab_size
+    assert m.files["lm_head.onnx"].roles == ["client"]
+    assert not (server.root / "lm_head.onnx").exists()
+    assert server.manifest_sha256 == client.manifest_sha256
+
+
+def test_private_tail_plus_client_lm_head_equals_default_logits(export_bundle):
+    default_client, default_server = bundles(export_bundle(TINY, K))
+    client, server = bundles(export_bundle(TINY, K, private_output=True))
+    ids = np.arange(20, 31, dtype=np.int64)[None, :]
+    mask, positions = np.ones_like(ids), np.arange(ids.shape[1], dtype=np.int64)[None, :]
+    hidden = HeadRunner(default_client).forward(ids, mask, positions, HeadRunner(default_client).new_cache())
+    expected = TailRunner(default_server).forward(hidden, mask, positions, TailRunner(default_server).new_cache(), 0)
+    tail = TailRunner(server)
+    final = tail.forward(hidden, mask, positions, tail.new_cache(), logits_to_keep=0)
+    assert final.shape == (1, ids.shape[1], client.manifest.model.hidden_size)
+    parity.assert_close("logits (private vs default)", LmHeadRunner(client).forward(final), expected)
+
+
+def test_private_output_greedy_tokens_equal_default_mode(export_bundle):
+    default_client, default_server = bundles(export_bundle(TINY, K))
+    client, server = bundles(export_bundle(TINY, K, private_output=True))
+    prompt = list(range(40, 52))
+    eos = client.manifest.tokenizer.eos_token_ids
+
+    def greedy(c, s, lm_head):
+        tail = LocalTail(TailRunner(s), SamplingParams(), lm_head)
+        generator = SplitGenerator(HeadRunner(c), tail, prefill_chunk=5)
+        return [choice.token for choice in generator.generate(prompt, 32, eos)]
+
+    expected = greedy(default_client, default_server, None)
+    assert greedy(client, server, LmHeadRunner(client)) == expected
+    assert len(expected) >= 16 and len(set(expected)) >= 8, f"degenerate generation proves little: {expected}"
+
+
+def test_local_tail_refuses_a_mode_mismatch(export_bundle):
+    client, server = bundles(export_bundle(TINY, K, private_output=True))
+    with pytest.raises(ManifestError, match="needs the client bundle's LM head"):
+        LocalTail(TailRunner(server), SamplingParams())
+    default_client, _ = bundles(export_bundle(TINY, K))
+    with pytest.raises(ManifestError, match="no lm_head graph"):
+        LmHeadRunner(default_client)
+
+
+def test_client_cli_local_runs_private_output_like_default(export_bundle, capsys):
+    argv = ["--local", "--raw", "--max-new-tokens", "12", "split inference"]
+    assert client_main([*argv, "--bundle", str(export_bundle(TINY, K))]) == 0
+    expected = capsys.readouterr().out
+    assert client_main([*argv, "--bundle", str(export_bundle(TINY, K, private_output=True))]) == 0
+    assert capsys.readouterr().out == expected and expected.strip()
+
+
+def test_schema_1_manifests_read_as_logits_mode_and_newer_ones_are_refused(export_bundle):
+    import json
+
+    from splitcore.manifest import parse_manifest
+
+    client, _ = bundles(export_bundle(TINY, K))
+    data = json.loads((client.root / "manifest.json").read_text())
+    assert data["schema_version"] == 2 and data["output_mode"] == "logits" and data["lm_head"] is None
+    old = {k: v for k, v in data.items() if k not in ("output_mode", "lm_head")} | {"schema_version": 1}
+    assert parse_manifest(json.dumps(old).encode()).output_mode == "logits"
+    with pytest.raises(ManifestError, match="schema_version 3"):
+        parse_manifest(json.dumps(data | {"schema_version": 3}).encode())
+    with pytest.raises(ManifestError, match="output_mode 'hidden' needs"):
+        parse_manifest(json.dumps(data | {"output_mode": "hidden"}).encode())
