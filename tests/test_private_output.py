@@ -89,3 +89,34 @@ def test_schema_1_manifests_read_as_logits_mode_and_newer_ones_are_refused(expor
         parse_manifest(json.dumps(data | {"schema_version": 3}).encode())
     with pytest.raises(ManifestError, match="output_mode 'hidden' needs"):
         parse_manifest(json.dumps(data | {"output_mode": "hidden"}).encode())
+
+
+def test_private_output_over_http_equals_default_mode(export_bundle):
+    """End to end: the service returns final hidden states, the client's LM head picks the same greedy tokens."""
+    import httpx
+    from servers import service_thread
+
+    from client.remote import RemoteTail
+    from client.settings import ClientSettings
+    from splitcore import protocol, wire
+
+    prompt = list(range(40, 60))
+    default_client, default_server = bundles(export_bundle(TINY, 2))
+    private = export_bundle(TINY, 2, private_output=True)
+    client, _ = bundles(private)
+    expected = SplitGenerator(HeadRunner(default_client), LocalTail(TailRunner(default_server), SamplingParams()))
+    expected_tokens = [c.token for c in expected.generate(prompt, 24, stop_ids=())]
+    with service_thread(private / "server") as url:
+        assert httpx.get(f"{url}/readyz").json()["output_mode"] == "hidden"
+        link = RemoteTail.open(client, ClientSettings(server_url=url), SamplingParams(), LmHeadRunner(client))
+        generator = SplitGenerator(HeadRunner(client), link)
+        assert [c.token for c in generator.generate(prompt, 24, stop_ids=())] == expected_tokens
+        # What came back per decode step is a hidden-state frame, never a token id.
+        sid = httpx.post(f"{url}{protocol.SESSIONS_PATH}", json={"manifest_sha256": client.manifest_sha256}).json()
+        frame = wire.encode(np.zeros((1, 1, client.manifest.model.hidden_size), np.float16))
+        answer = httpx.post(f"{url}{protocol.steps_path(sid['session_id'])}", content=frame, headers={
+            "Content-Type": wire.MEDIA_TYPE, protocol.PAST_LENGTH_HEADER: "0",
+            protocol.MANIFEST_HEADER: client.manifest_sha256})
+        assert answer.headers["content-type"] == wire.MEDIA_TYPE
+        assert wire.decode(answer.content).shape == (1, 1, client.manifest.model.hidden_size)
+        assert b"token" not in answer.content
