@@ -58,22 +58,7 @@ def export_lm_head(model: torch.nn.Module, dtype: torch.dtype, path: Path) -> Gr
     module = LmHead(model).eval()
     first = torch.randn(EXAMPLE_BATCH, EXAMPLE_SEQ, model.config.hidden_size, dtype=dtype)
     dims = {0: names.BATCH, 1: names.SEQUENCE}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
-        program = torch.onnx.export(
-            module,
-            (first,),
-            input_names=[names.FINAL_HIDDEN_STATES],
-            output_names=[names.LOGITS],
-            dynamic_shapes=(dims,),
-            opset_version=OPSET,
-            dynamo=True,
-            optimize=True,
-            verbose=False,
-        )
-        program.save(str(path), external_data=True)
-    del program
-    gc.collect()
+    save_onnx(module, (first,), [names.FINAL_HIDDEN_STATES], [names.LOGITS], (dims,), path)
     n = model.config.num_hidden_layers
     return graph_spec(path, range(n, n), DTYPE_NAMES[dtype])
 
@@ -113,7 +98,14 @@ def _export(
     # The modules take the KV tensors as *past: torch.export wants their shapes as one tuple for that varargs.
     args += tuple(past)
     dynamic += (tuple(kv_dims for _ in past),)
+    save_onnx(module, args, input_names, output_names, dynamic, path)
+    _tidy(path, keeps_logits)
+    return graph_spec(path, layers, DTYPE_NAMES[dtype])
 
+
+def save_onnx(module: torch.nn.Module, args: tuple, input_names: list[str], output_names: list[str],
+              dynamic: tuple, path: Path) -> None:
+    """torch.onnx's dynamo exporter, weights in one external data file beside the graph; its chatter to stderr."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
         program = torch.onnx.export(
@@ -130,8 +122,6 @@ def _export(
         program.save(str(path), external_data=True)
     del program
     gc.collect()
-    _tidy(path, keeps_logits)
-    return graph_spec(path, layers, DTYPE_NAMES[dtype])
 
 
 def _tidy(path: Path, keeps_logits: bool) -> None:
