@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from splitcore.graphs import TailRunner
+from splitcore.graphs import TailRunner, continuation
 from splitcore.kvcache import KVCache
 
 log = logging.getLogger(__name__)
@@ -64,10 +64,7 @@ class DecodeBatcher:
 
 def run_one(tail: TailRunner, cache: KVCache, hidden: np.ndarray) -> np.ndarray:
     """One sequence's step of any length; returns the last position's logits."""
-    past = cache.length
-    total = past + hidden.shape[1]
-    mask = np.ones((1, total), dtype=np.int64)
-    positions = np.arange(past, total, dtype=np.int64)[None, :]
+    mask, positions = continuation(cache.length, hidden.shape[1])
     return tail.forward(hidden, mask, positions, cache, logits_to_keep=1)[0, -1]
 
 

@@ -12,7 +12,7 @@ from typing import Protocol
 import numpy as np
 
 from splitcore.errors import ManifestError
-from splitcore.graphs import HeadRunner, LmHeadRunner, TailRunner
+from splitcore.graphs import HeadRunner, LmHeadRunner, TailRunner, continuation
 from splitcore.noise import BoundaryNoise
 from splitcore.sampling import Choice, Sampler, SamplingParams
 
@@ -65,9 +65,7 @@ class LocalTail:
     def step(self, hidden_states: np.ndarray, past_length: int, sample: bool = True) -> Choice | None:
         if past_length != self.cache.length:
             raise ValueError(f"tail has {self.cache.length} positions cached, the step continues {past_length}")
-        total = past_length + hidden_states.shape[1]
-        mask = np.ones((1, total), dtype=np.int64)
-        positions = np.arange(past_length, total, dtype=np.int64)[None, :]
+        mask, positions = continuation(past_length, hidden_states.shape[1])
         output = self.runner.forward(hidden_states, mask, positions, self.cache, logits_to_keep=1)
         if not sample:
             return None
@@ -106,9 +104,7 @@ class SplitGenerator:
         for start in range(0, len(ids), self.prefill_chunk):
             chunk = np.asarray([ids[start : start + self.prefill_chunk]], dtype=np.int64)
             past = self.cache.length
-            total = past + chunk.shape[1]
-            mask = np.ones((1, total), dtype=np.int64)
-            positions = np.arange(past, total, dtype=np.int64)[None, :]
+            mask, positions = continuation(past, chunk.shape[1])
             hidden = self.head.forward(chunk, mask, positions, self.cache)
             if self.noise is not None:
                 hidden = self.noise(hidden)

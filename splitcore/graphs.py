@@ -167,6 +167,11 @@ class LmHeadRunner:
         return self.session.run([self.output_name], feeds)[0]
 
 
+def continuation(past: int, seq: int) -> tuple[np.ndarray, np.ndarray]:
+    """Attention mask and position ids of ``seq`` new positions after ``past`` cached ones, for one unpadded row."""
+    return np.ones((1, past + seq), dtype=np.int64), np.arange(past, past + seq, dtype=np.int64)[None, :]
+
+
 def positions_for(attention_mask: np.ndarray, seq: int) -> np.ndarray:
     """Position ids of the last ``seq`` columns of a (possibly left-padded) mask, as transformers computes them."""
     positions = np.cumsum(attention_mask, axis=1) - 1
