@@ -33,6 +33,7 @@ log = logging.getLogger("bench.load")
 class Level:
     sessions: int
     step_latencies_s: list[float] = field(default_factory=list)
+    prompt_latencies_s: list[float] = field(default_factory=list)
     tokens: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     rejected: int = 0
@@ -40,10 +41,13 @@ class Level:
 
     def summary(self) -> dict:
         lat = np.asarray(self.step_latencies_s or [np.nan])
+        ttft = np.asarray(self.prompt_latencies_s or [np.nan])
         return {
             "sessions": self.sessions,
             "aggregate_tokens_per_s": self.tokens / self.seconds if self.seconds else 0.0,
             "step_latency_ms": {"p50": float(np.percentile(lat, 50) * 1e3), "p99": float(np.percentile(lat, 99) * 1e3)},
+            "prompt_latency_ms": {"p50": float(np.percentile(ttft, 50) * 1e3),
+                                  "p99": float(np.percentile(ttft, 99) * 1e3)},
             "tokens": self.tokens,
             "errors": self.errors,
             "rejected_sessions": self.rejected,
@@ -71,9 +75,11 @@ async def one_session(http: httpx.AsyncClient, sha: str, prompt: bytes, step: by
             if answer.status_code != 200:
                 level.errors[str(answer.status_code)] = level.errors.get(str(answer.status_code), 0) + 1
                 return
-            if position:  # decode steps only; the prompt chunk is prefill
+            if position:  # decode steps; the prompt is prefill (time to first token)
                 level.step_latencies_s.append(time.perf_counter() - started)
                 level.tokens += 1
+            else:
+                level.prompt_latencies_s.append(time.perf_counter() - started)
             position += prompt_len if not position else 1
     finally:
         await http.delete(f"{protocol.SESSIONS_PATH}/{sid}")
@@ -121,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("reports/load"))
     args = p.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     try:
         server = load_bundle(args.bundle / "server", "server")
     except SplitError as e:
@@ -152,11 +159,13 @@ def main(argv: list[str] | None = None) -> int:
 def markdown(report: dict) -> str:
     lines = [f"Tail service under load: {report['model']} split at {report['split_layer']} "
              f"({report['tail_dtype']} tail)", "",
-             "| sessions | aggregate tokens/s | step p50 ms | step p99 ms | errors | rejected (503) |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "| sessions | aggregate tokens/s | step p50 ms | step p99 ms | prompt p50 ms | prompt p99 ms | errors "
+             "| rejected (503) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["levels"]:
         lines.append(f"| {r['sessions']} | {r['aggregate_tokens_per_s']:.1f} | {r['step_latency_ms']['p50']:.1f} | "
-                     f"{r['step_latency_ms']['p99']:.1f} | {sum(r['errors'].values())} | {r['rejected_sessions']} |")
+                     f"{r['step_latency_ms']['p99']:.1f} | {r['prompt_latency_ms']['p50']:.0f} | "
+                     f"{r['prompt_latency_ms']['p99']:.0f} | {sum(r['errors'].values())} | {r['rejected_sessions']} |")
     lines += ["", "Floors: " + ", ".join(f"{k} = {v:.2f}" if isinstance(v, float) else f"{k} = {v}"
                                           for k, v in report["floors"].items()), ""]
     return "\n".join(lines)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from export import bundle as bundles
+from export.modules import GRAPH_REVISION
 from export.onnx_graphs import export_full, export_head, export_lm_head, export_tail
 from export.quantize import SCHEMES, quantize_head
 from export.sources import load_model
@@ -66,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def export_args(args: argparse.Namespace) -> dict:
     wanted = {"model": args.model, "revision": args.revision, "split_layer": args.split_layer,
-              "dtype": args.dtype, "seed": args.seed}
+              "dtype": args.dtype, "seed": args.seed, "graph_revision": GRAPH_REVISION}
     # Recorded only when asked for, so bundles exported before these options existed stay up to date.
     if args.full:
         wanted["full"] = True

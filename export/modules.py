@@ -11,6 +11,9 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+# Bumped whenever the graphs these modules export change, so `make export` re-exports bundles made by older code.
+GRAPH_REVISION = 2
+
 
 def causal_mask(attention_mask: torch.Tensor, query_length: int, dtype: torch.dtype) -> torch.Tensor:
     """Additive [batch, 1, query, total] mask: a query sees keys that are not padding and not in its future."""
@@ -48,13 +51,16 @@ def decoder_layer(
     key = torch.cat([past_key, k], dim=2)
     value = torch.cat([past_value, v], dim=2)
 
-    n_rep = q.shape[1] // key.shape[1]
-    key_rep = key.repeat_interleave(n_rep, dim=1) if n_rep > 1 else key
-    value_rep = value.repeat_interleave(n_rep, dim=1) if n_rep > 1 else value
-    scores = torch.matmul(q, key_rep.transpose(2, 3)) * attn.scaling + mask
+    # Grouped-query attention without repeating the KV heads: the query heads that share a KV head are stacked
+    # along the query axis, so every step reads each cached key and value once instead of copying them n_rep times.
+    kv_heads = key.shape[1]
+    n_rep = q.shape[1] // kv_heads
+    grouped = q.reshape(batch, kv_heads, n_rep * seq, head_dim)
+    scores = torch.matmul(grouped, key.transpose(2, 3)) * attn.scaling
+    scores = scores.reshape(batch, kv_heads, n_rep, seq, -1) + mask[:, :, None]
     # Softmax in fp32 so an fp16 graph does not overflow on long contexts.
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    out = torch.matmul(probs, value_rep).transpose(1, 2).reshape(batch, seq, -1)
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype).reshape(batch, kv_heads, n_rep * seq, -1)
+    out = torch.matmul(probs, value).reshape(batch, -1, seq, head_dim).transpose(1, 2).reshape(batch, seq, -1)
     hidden = residual + attn.o_proj(out)
     hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
     return hidden, key, value

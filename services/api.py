@@ -10,10 +10,9 @@ from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Depends, Header, Request, Response
-from starlette.concurrency import run_in_threadpool
 
-from services.batching import DecodeBatcher, run_one
 from services.metrics import Metrics
+from services.scheduler import TailScheduler
 from services.sessions import Session, SessionStore
 from services.settings import ServerSettings
 from splitcore import protocol, wire
@@ -41,7 +40,7 @@ class Service:
     bundle: Bundle
     tail: TailRunner
     store: SessionStore
-    batcher: DecodeBatcher | None = None
+    scheduler: TailScheduler
     metrics: Metrics = field(default_factory=Metrics)
     draining: bool = False
 
@@ -125,10 +124,7 @@ async def step(
     async with session.lock:
         started = time.perf_counter()
         check_positions(session, x_past_length, hidden.shape[1])
-        if hidden.shape[1] == 1 and service.batcher is not None:
-            output = await service.batcher.step(session.cache, hidden)
-        else:
-            output = await run_in_threadpool(run_one, service.tail, session.cache, hidden)
+        output = await service.scheduler.step(session.cache, hidden)
         result = protocol.StepResult(token=None, length=session.length)
         # Private-output bundles end before the final norm: no logits, no token here; the client samples.
         private = service.bundle.manifest.output_mode == "hidden"

@@ -13,7 +13,8 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.api import Service, ServiceDep, router
-from services.batching import DecodeBatcher
+from services.metrics import Metrics
+from services.scheduler import TailScheduler
 from services.sessions import SessionStore
 from services.settings import ServerSettings
 from splitcore import errors
@@ -46,11 +47,12 @@ def load_service(settings: ServerSettings, bundle: Bundle | None = None) -> Serv
                          settings.evict_idle_s)
     log.info("serving %s layers [%d, %d) from %s on %s (manifest %s)", bundle.manifest.model.id,
              *bundle.manifest.tail.layers, settings.bundle, tail.providers[0], bundle.manifest_sha256[:12])
-    service = Service(settings, bundle, tail, store)
+    metrics = Metrics()
     # Batching pads numpy caches on the host; device-bound caches (IO binding) run one session per step for now.
-    if settings.max_batch > 1 and not isinstance(tail, DeviceTailRunner):
-        service.batcher = DecodeBatcher(tail, settings.max_batch, service.metrics.batch_size.observe)
-    return service
+    max_batch = 1 if isinstance(tail, DeviceTailRunner) else settings.max_batch
+    scheduler = TailScheduler(tail, max_batch, settings.prefill_chunk, settings.batch_gather_ms / 1000,
+                              metrics.batch_size.observe)
+    return Service(settings, bundle, tail, store, scheduler, metrics)
 
 
 def load_tail(settings: ServerSettings, bundle: Bundle) -> TailRunner:
@@ -71,9 +73,7 @@ def create_app(settings: ServerSettings, bundle: Bundle | None = None, preloaded
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loaded = preloaded or load_service(settings, bundle)
         app.state.service = loaded
-        tasks = [asyncio.create_task(sweep(loaded))]
-        if loaded.batcher is not None:
-            tasks.append(asyncio.create_task(loaded.batcher.run()))
+        tasks = [asyncio.create_task(sweep(loaded)), asyncio.create_task(loaded.scheduler.run())]
         try:
             yield
         finally:

@@ -1,65 +1,24 @@
-"""Decode steps of concurrent sessions share one onnxruntime run.
+"""Single-token steps of several sessions as one tail run.
 
-A single-token step is memory-bound: the tail's weights are read once per run whatever the batch. So steps that
-arrive while a run is in flight are queued and go together in the next run: their KV caches are left-padded to a
-common length, the padding masked out, and each row keeps its own positions. Nobody waits for a batch to fill: a
-lone step runs at once, and batches form only under load. Prefill chunks run on their own.
+A decode step is memory-bound: the tail's weights are read once per run whatever the batch, so extra rows cost
+little until compute catches up. Sessions have different lengths: their caches are left-padded to the longest,
+the padding masked out, and each row keeps its own positions.
+
+Building the padded arrays copies every cache, and cutting the rows back out copies them again. While the same
+sessions decode together step after step (the steady state under load) neither is needed: the run's present
+outputs are the next run's padded past, and each session's cache is a view of its row. Copies happen only when the
+batch changes: rows that leave are copied out (a view must not keep a whole batch alive), and the next batch is
+built afresh.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from starlette.concurrency import run_in_threadpool
 
 from splitcore.graphs import TailRunner, continuation
 from splitcore.kvcache import KVCache
-
-log = logging.getLogger(__name__)
-
-
-@dataclass
-class _Step:
-    cache: KVCache
-    hidden: np.ndarray  # [1, 1, hidden]
-    done: asyncio.Future
-
-
-class DecodeBatcher:
-    def __init__(self, tail: TailRunner, max_batch: int, on_batch: Callable[[int], None] = lambda size: None) -> None:
-        self.tail = tail
-        self.max_batch = max_batch
-        self.on_batch = on_batch
-        self.queue: asyncio.Queue[_Step] = asyncio.Queue()
-
-    async def step(self, cache: KVCache, hidden: np.ndarray) -> np.ndarray:
-        """Logits of the next position for one session's single-token step; the cache grows in place."""
-        done = asyncio.get_running_loop().create_future()
-        await self.queue.put(_Step(cache, hidden, done))
-        return await done
-
-    async def run(self) -> None:
-        """The loop that drains the queue; one per service, started in the lifespan."""
-        while True:
-            steps = [await self.queue.get()]
-            while len(steps) < self.max_batch and not self.queue.empty():
-                steps.append(self.queue.get_nowait())
-            try:
-                logits = await run_in_threadpool(run_batch, self.tail, [s.cache for s in steps],
-                                                 [s.hidden for s in steps])
-            except Exception as e:  # a failed run fails its steps, never the loop
-                for s in steps:
-                    if not s.done.done():
-                        s.done.set_exception(e)
-                continue
-            self.on_batch(len(steps))
-            for s, row in zip(steps, logits):
-                if not s.done.done():
-                    s.done.set_result(row)
 
 
 def run_one(tail: TailRunner, cache: KVCache, hidden: np.ndarray) -> np.ndarray:
@@ -68,37 +27,105 @@ def run_one(tail: TailRunner, cache: KVCache, hidden: np.ndarray) -> np.ndarray:
     return tail.forward(hidden, mask, positions, cache, logits_to_keep=1)[0, -1]
 
 
-def run_batch(tail: TailRunner, caches: list[KVCache], hidden: list[np.ndarray]) -> list[np.ndarray]:
-    """One tail run over single-token steps of several sequences; returns each one's last-position logits."""
-    if len(caches) == 1:
-        return [run_one(tail, caches[0], hidden[0])]
-    lengths = [c.length for c in caches]
-    longest = max(lengths)
-    batch = len(caches)
-    mask = np.zeros((batch, longest + 1), dtype=np.int64)
-    for row, length in enumerate(lengths):
-        mask[row, longest - length :] = 1
-    positions = np.asarray(lengths, dtype=np.int64)[:, None]
-    padded = KVCache(_left_pad([c.keys for c in caches], lengths, longest),
-                     _left_pad([c.values for c in caches], lengths, longest))
-    stacked = np.concatenate([h.astype(tail.dtype, copy=False) for h in hidden], axis=0)
-    logits = tail.forward(stacked, mask, positions, padded, logits_to_keep=1)
-    for row, (cache, length) in enumerate(zip(caches, lengths)):
-        start = longest - length
-        # Copies, so no session keeps the whole batch's arrays alive through a view.
-        cache.replace([k[row : row + 1, :, start:].copy() for k in padded.keys],
-                      [v[row : row + 1, :, start:].copy() for v in padded.values])
-    return [logits[row, -1] for row in range(batch)]
+@dataclass
+class _Batch:
+    caches: list[KVCache]  # row order
+    keys: list[np.ndarray]  # per layer [rows, kv_heads, longest, head_dim], left-padded
+    values: list[np.ndarray]
+    mask: np.ndarray  # [rows, longest]
+    given: list[list[np.ndarray]]  # the key list each row's cache was handed, to tell if it was replaced since
+
+    def row_of(self, cache: KVCache) -> int | None:
+        for row, (member, given) in enumerate(zip(self.caches, self.given)):
+            if member is cache:
+                return row if cache.keys is given else None
+        return None
+
+
+class DecodeBatches:
+    """Runs decode steps of several sessions together, keeping the padded batch between runs of the same sessions."""
+
+    def __init__(self, tail: TailRunner) -> None:
+        self.tail = tail
+        self.current: _Batch | None = None
+
+    def run(self, caches: list[KVCache], hidden: list[np.ndarray]) -> list[np.ndarray]:
+        """Each session's next-position logits; every cache grows by one position."""
+        if len(caches) == 1:
+            return [self.run_one(caches[0], hidden[0])]
+        rows = self._rows_in_current(caches)
+        if rows is None:
+            self._start(caches)
+            rows = list(range(len(caches)))
+        batch = self.current
+        order = np.argsort(rows)
+        stacked = np.concatenate([hidden[i].astype(self.tail.dtype, copy=False) for i in order], axis=0)
+        mask = np.concatenate([batch.mask, np.ones((len(caches), 1), dtype=np.int64)], axis=1)
+        positions = batch.mask.sum(axis=1, keepdims=True)
+        cache = KVCache(batch.keys, batch.values)
+        logits = self.tail.forward(stacked, mask, positions, cache, logits_to_keep=1)
+        batch.keys, batch.values, batch.mask = cache.keys, cache.values, mask
+        self._hand_out(batch)
+        return [logits[row, -1] for row in rows]
+
+    def run_one(self, cache: KVCache, hidden: np.ndarray) -> np.ndarray:
+        """A step of any length for one session, taking its cache out of the current batch first if it is there."""
+        self.release(cache)
+        return run_one(self.tail, cache, hidden)
+
+    def _rows_in_current(self, caches: list[KVCache]) -> list[int] | None:
+        batch = self.current
+        if batch is None or len(batch.caches) != len(caches):
+            return None
+        rows = [batch.row_of(cache) for cache in caches]
+        if None in rows or len(set(rows)) != len(rows):
+            return None
+        return rows
+
+    def _start(self, caches: list[KVCache]) -> None:
+        """A new padded batch from the caches' own arrays (or their rows of the previous batch)."""
+        lengths = [c.length for c in caches]
+        longest = max(lengths)
+        mask = np.zeros((len(caches), longest), dtype=np.int64)
+        for row, length in enumerate(lengths):
+            mask[row, longest - length :] = 1
+        keys = _left_pad([c.keys for c in caches], lengths, longest)
+        values = _left_pad([c.values for c in caches], lengths, longest)
+        leaving = self.current.caches if self.current is not None else []
+        for cache in leaving:
+            if not any(cache is c for c in caches):
+                self.release(cache)
+        self.current = _Batch(list(caches), keys, values, mask, [])
+        self._hand_out(self.current)
+
+    def _hand_out(self, batch: _Batch) -> None:
+        """Each session's cache becomes a view of its row (no copy)."""
+        batch.given = []
+        for row, cache in enumerate(batch.caches):
+            start = int(np.argmax(batch.mask[row])) if batch.mask[row].any() else batch.mask.shape[1]
+            cache.replace([k[row : row + 1, :, start:] for k in batch.keys],
+                          [v[row : row + 1, :, start:] for v in batch.values])
+            batch.given.append(cache.keys)
+
+    def release(self, cache: KVCache | None = None) -> None:
+        """Give a cache that is a view of the current batch (default: every such cache) arrays of its own."""
+        batch = self.current
+        if batch is None:
+            return
+        for member in [cache] if cache is not None else list(batch.caches):
+            if batch.row_of(member) is not None:
+                member.replace([k.copy() for k in member.keys], [v.copy() for v in member.values])
+        if all(batch.row_of(member) is None for member in batch.caches):
+            self.current = None
 
 
 def _left_pad(per_session: list[list[np.ndarray]], lengths: list[int], longest: int) -> list[np.ndarray]:
-    layers = len(per_session[0])
     first = per_session[0][0]
     out = []
-    for layer in range(layers):
-        shape = (len(per_session), first.shape[1], longest, first.shape[3])
-        stacked = np.zeros(shape, dtype=first.dtype)
+    for layer in range(len(per_session[0])):
+        stacked = np.empty((len(per_session), first.shape[1], longest, first.shape[3]), dtype=first.dtype)
         for row, (arrays, length) in enumerate(zip(per_session, lengths)):
+            stacked[row, :, : longest - length] = 0
             if length:
                 stacked[row, :, longest - length :] = arrays[layer][0]
         out.append(stacked)

@@ -32,6 +32,13 @@ class ServerSettings(BaseSettings):
     session_ttl_s: float = Field(600.0, gt=0, description="idle sessions are closed after this long")
     evict_idle_s: float = Field(60.0, ge=0, description="when full, sessions idle this long make room for new ones")
     max_batch: int = Field(32, ge=1, description="most decode steps of different sessions in one run (1: no batching)")
+    prefill_chunk: int = Field(
+        16, ge=1, description="while sessions are decoding, prompts run in chunks of this many positions between "
+        "their batches, so a decode step waits for at most one chunk",
+    )
+    batch_gather_ms: float = Field(
+        30.0, ge=0, description="a decode batch waits up to this long for as many steps as the previous batch had",
+    )
     max_body_bytes: int = Field(64 * 2**20, ge=1024)
     token: SecretStr | None = Field(None, description="bearer token; when set, every /v1 request needs it")
     tls_cert: Path | None = None

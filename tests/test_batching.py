@@ -11,7 +11,7 @@ from conftest import TINY, bundles
 from servers import service_thread
 
 from export import parity
-from services.batching import run_batch, run_one
+from services.batching import DecodeBatches, run_one
 from splitcore import protocol, wire
 from splitcore.graphs import TailRunner
 
@@ -33,15 +33,31 @@ def test_batched_steps_equal_single_steps(export_bundle):
             pair.append(cache)
         alone.append(pair[0])
         together.append(pair[1])
-    steps = [rng.standard_normal((1, 1, size)).astype(np.float32) for _ in lengths]
-    expected = [run_one(tail, cache, h) for cache, h in zip(alone, steps)]
-    got = run_batch(tail, together, steps)
-    for i, length in enumerate(lengths):
-        parity.assert_close(f"logits of the row with past {length}", got[i], expected[i], atol=1e-5, rtol=1e-5)
-        assert together[i].length == alone[i].length == length + 1
-        for a, b in zip(together[i].keys + together[i].values, alone[i].keys + alone[i].values):
-            parity.assert_close("cache", a, b, atol=1e-5, rtol=1e-5)
-            assert a.base is None, "a batched cache must not be a view into the batch arrays"
+    batches = DecodeBatches(tail)
+
+    def check(rows: list[int], seq: int = 1) -> None:
+        steps = [rng.standard_normal((1, seq, size)).astype(np.float32) for _ in rows]
+        expected = [run_one(tail, alone[i], h) for i, h in zip(rows, steps)]
+        if seq == 1:
+            got = batches.run([together[i] for i in rows], steps)
+        else:
+            got = [batches.run_one(together[i], h) for i, h in zip(rows, steps)]
+        for i, g, e in zip(rows, got, expected):
+            parity.assert_close(f"logits of row {i}", g, e, atol=1e-5, rtol=1e-5)
+        for i in range(len(lengths)):
+            assert together[i].length == alone[i].length
+            for a, b in zip(together[i].keys + together[i].values, alone[i].keys + alone[i].values):
+                parity.assert_close(f"cache of row {i}", a, b, atol=1e-5, rtol=1e-5)
+
+    check([0, 1, 2, 3])
+    check([0, 1, 2, 3])  # the same sessions again: the padded batch is reused
+    check([3, 1, 0, 2])  # arriving in another order
+    check([0, 2])  # two leave: they must own their caches again, not views of the batch
+    assert all(k.base is None for i in (1, 3) for k in together[i].keys + together[i].values)
+    check([2], seq=3)  # a multi-position chunk for a member of the current batch
+    check([0, 1, 2, 3])
+    batches.release()
+    assert all(k.base is None for cache in together for k in cache.keys + cache.values)
 
 
 def test_concurrent_decode_steps_share_runs(export_bundle):
