@@ -122,6 +122,8 @@ def bench_model(args: argparse.Namespace, found: bench_bundles.ModelBundles, ban
         },
         "runs": runs,
     }
+    if found.int8_missing:
+        result["int8_head_missing"] = found.int8_missing
     if found.int8 is not None and "c8" in configs:
         log.info("%s: int8 head accuracy and speed", model.id)
         result["int8_head"] = int8_report(found.split, found.int8)

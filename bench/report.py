@@ -56,6 +56,8 @@ def markdown(results: dict) -> str:
                 f"({q['head_step_speedup']:.2f}x), head file {q['head_file_bytes']['fp32'] / 2**20:.0f} -> "
                 f"{q['head_file_bytes']['int8'] / 2**20:.0f} MiB."
             )
+        if model.get("int8_head_missing"):
+            lines.append(f"- {model['model']}: (c8) not run: {model['int8_head_missing']}")
     for key, reason in results.get("skipped", {}).items():
         lines.append(f"- ({key}) {reason}")
     return "\n".join(lines) + "\n"
