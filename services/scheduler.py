@@ -76,11 +76,16 @@ class TailScheduler:
             if not self.decode and not self.prefill:
                 self.arrived.clear()
                 await self.arrived.wait()
-            if self.decode:
-                await self._gather()
-                await self._run_decode()
-            if self.prefill:
-                await self._run_prefill_chunk(self.prefill[0])
+            try:
+                if self.decode:
+                    await self._gather()
+                    await self._run_decode()
+                if self.prefill:
+                    await self._run_prefill_chunk(self.prefill[0])
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug here must not leave every later step waiting forever
+                log.exception("tail loop turn failed")
 
     async def _gather(self) -> None:
         now = time.monotonic()
