@@ -43,8 +43,6 @@ def load_service(settings: ServerSettings, bundle: Bundle | None = None) -> Serv
     """Load the tail graph of a bundle, verifying the bundle first unless the caller already did."""
     bundle = bundle or load_bundle(settings.bundle, "server")
     tail = load_tail(settings, bundle)
-    store = SessionStore(tail, settings.max_sessions, settings.max_kv_bytes, settings.session_ttl_s,
-                         settings.evict_idle_s)
     log.info("serving %s layers [%d, %d) from %s on %s (manifest %s)", bundle.manifest.model.id,
              *bundle.manifest.tail.layers, settings.bundle, tail.providers[0], bundle.manifest_sha256[:12])
     metrics = Metrics()
@@ -52,6 +50,8 @@ def load_service(settings: ServerSettings, bundle: Bundle | None = None) -> Serv
     max_batch = 1 if isinstance(tail, DeviceTailRunner) else settings.max_batch
     scheduler = TailScheduler(tail, max_batch, settings.prefill_chunk, settings.batch_gather_ms / 1000,
                               metrics.batch_size.observe)
+    store = SessionStore(tail, settings.max_sessions, settings.max_kv_bytes, settings.session_ttl_s,
+                         settings.evict_idle_s, on_close=scheduler.forget)
     return Service(settings, bundle, tail, store, scheduler, metrics)
 
 

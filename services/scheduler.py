@@ -2,8 +2,8 @@
 
 Two onnxruntime runs at once only fight over the cores, so the loop runs one at a time, off the event loop. Each
 turn it runs the pending decode steps as one batch (services/batching.py), then at most one chunk of a pending
-prompt: a session's next token waits for at most one chunk, however long the prompts of newcomers are. While nobody
-is decoding a prompt runs in one piece, so a lone client's time to first token is not cut up.
+prompt: a session's next token waits for at most one chunk, however long the prompts of newcomers are. While no
+other session is decoding a prompt runs in one piece, so a lone client's time to first token is not cut up.
 
 The answers of a batch reach their clients together and the next steps trickle back in over several milliseconds:
 the loop waits for a step of every session that decoded in the last second, while they keep coming (at most
@@ -29,7 +29,7 @@ from splitcore.kvcache import KVCache
 
 log = logging.getLogger(__name__)
 
-# A prompt is cut into chunks while a decode batch ran this recently.
+# A prompt is cut into chunks while another open session decoded this recently.
 DECODING_RECENTLY_S = 1.0
 # Gathering a batch stops when no step arrived for this long (the sessions missing from it may have ended).
 ARRIVAL_GAP_S = 0.015
@@ -61,7 +61,6 @@ class TailScheduler:
         self.prefill: deque[_Work] = deque()
         self.arrived = asyncio.Event()
         self.decoded_at: dict[int, float] = {}  # id of a session's cache -> when it was last in a decode batch
-        self.last_decode_at = float("-inf")
 
     async def step(self, cache: KVCache, hidden: np.ndarray) -> np.ndarray:
         """The tail's output at the last of ``hidden``'s positions; the cache grows by all of them."""
@@ -69,6 +68,10 @@ class TailScheduler:
         (self.decode if hidden.shape[1] == 1 else self.prefill).append(work)
         self.arrived.set()
         return await work.done
+
+    def forget(self, cache: KVCache) -> None:
+        """A session closed: it is no longer decoding, so batches stop waiting for it and prompts stop being cut."""
+        self.decoded_at.pop(id(cache), None)
 
     async def run(self) -> None:
         """The loop; one per service, started in the lifespan."""
@@ -114,8 +117,8 @@ class TailScheduler:
             for s in steps:
                 _fail(s, e)
             return
-        self.last_decode_at = time.monotonic()
-        self.decoded_at.update((id(s.cache), self.last_decode_at) for s in steps)
+        now = time.monotonic()
+        self.decoded_at.update((id(s.cache), now) for s in steps)
         self.on_batch(len(steps))
         for s, output in zip(steps, outputs):
             _finish(s, output)
@@ -125,7 +128,8 @@ class TailScheduler:
             self.prefill.popleft()
             return
         remaining = work.hidden.shape[1] - work.offset
-        decoding = time.monotonic() - self.last_decode_at < DECODING_RECENTLY_S
+        now = time.monotonic()
+        decoding = any(now - t < DECODING_RECENTLY_S for k, t in self.decoded_at.items() if k != id(work.cache))
         size = min(remaining, self.prefill_chunk) if decoding else remaining
         chunk = work.hidden[:, work.offset : work.offset + size]
         try:

@@ -48,6 +48,7 @@ class SessionStore:
         ttl_s: float,
         evict_idle_s: float,
         clock: Callable[[], float] = time.monotonic,
+        on_close: Callable[[KVCache], None] = lambda cache: None,
     ) -> None:
         self.tail = tail
         self.max_sessions = max_sessions
@@ -55,6 +56,7 @@ class SessionStore:
         self.ttl_s = ttl_s
         self.evict_idle_s = evict_idle_s
         self.clock = clock
+        self.on_close = on_close
         self.sessions: dict[str, Session] = {}
         model = tail.bundle.manifest.model
         per_layer = 2 * model.num_key_value_heads * model.head_dim * tail.dtype.itemsize
@@ -104,8 +106,10 @@ class SessionStore:
         return session
 
     def close(self, session_id: str, reason: str = "closed") -> None:
-        if self.sessions.pop(session_id, None) is None:
+        session = self.sessions.pop(session_id, None)
+        if session is None:
             raise SessionNotFound(f"no session {session_id!r}")
+        self.on_close(session.cache)
         log.info("session %s %s", session_id, reason, extra={"session": session_id, "reason": reason})
 
     def sweep(self) -> int:

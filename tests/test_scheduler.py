@@ -96,3 +96,28 @@ def test_a_failed_run_fails_its_step_and_the_loop_goes_on(export_bundle):
     error, fine = asyncio.run(scenario())
     assert error is not None
     assert fine.shape == (server.manifest.model.vocab_size,)
+
+
+def test_prompts_run_whole_when_no_other_open_session_decodes(export_bundle):
+    _, server = bundles(export_bundle(TINY, 2))
+    tail = TailRunner(server)
+    size = server.manifest.model.hidden_size
+    rng = np.random.default_rng(4)
+
+    def hidden(n: int) -> np.ndarray:
+        return rng.standard_normal((1, n, size)).astype(np.float32)
+
+    async def scenario() -> Recorded:
+        scheduler = TailScheduler(tail, max_batch=8, prefill_chunk=2, gather_s=0.0)
+        scheduler.batches = recorded = Recorded(tail)
+        loop = asyncio.create_task(scheduler.run())
+        first = tail.new_cache()
+        await scheduler.step(first, hidden(4))
+        await scheduler.step(first, hidden(1))
+        await scheduler.step(first, hidden(5))  # its own next turn, e.g. a chat's new user message
+        scheduler.forget(first)  # the session closed
+        await scheduler.step(tail.new_cache(), hidden(7))
+        loop.cancel()
+        return recorded
+
+    assert asyncio.run(scenario()).trace == [("prompt", 4), ("decode", 1), ("prompt", 5), ("prompt", 7)]
