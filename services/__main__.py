@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
         timeout_graceful_shutdown=int(settings.graceful_shutdown_s),
         log_config=None,
+        access_log=settings.access_log,
         server_header=False,
     )
     server = DrainingServer(config, app, settings.drain_s)

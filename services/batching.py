@@ -13,7 +13,7 @@ built afresh.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -34,6 +34,7 @@ class _Batch:
     values: list[np.ndarray]
     mask: np.ndarray  # [rows, longest]
     given: list[list[np.ndarray]]  # the key list each row's cache was handed, to tell if it was replaced since
+    closed: set[int] = field(default_factory=set)  # ids of member caches whose sessions ended
 
     def row_of(self, cache: KVCache) -> int | None:
         for row, (member, given) in enumerate(zip(self.caches, self.given)):
@@ -91,10 +92,10 @@ class DecodeBatches:
             mask[row, longest - length :] = 1
         keys = _left_pad([c.keys for c in caches], lengths, longest)
         values = _left_pad([c.values for c in caches], lengths, longest)
-        leaving = self.current.caches if self.current is not None else []
-        for cache in leaving:
-            if not any(cache is c for c in caches):
-                self.release(cache)
+        if self.current is not None:
+            for cache in self.current.caches:
+                if id(cache) not in self.current.closed and not any(cache is c for c in caches):
+                    self.release(cache)
         self.current = _Batch(list(caches), keys, values, mask, [])
         self._hand_out(self.current)
 
@@ -106,6 +107,15 @@ class DecodeBatches:
             cache.replace([k[row : row + 1, :, start:] for k in batch.keys],
                           [v[row : row + 1, :, start:] for v in batch.values])
             batch.given.append(cache.keys)
+
+    def drop(self, cache: KVCache) -> None:
+        """A session ended: its rows need no copying out, and a batch of ended sessions is freed at once."""
+        batch = self.current
+        if batch is None or not any(cache is c for c in batch.caches):
+            return
+        batch.closed.add(id(cache))
+        if all(id(c) in batch.closed for c in batch.caches):
+            self.current = None
 
     def release(self, cache: KVCache | None = None) -> None:
         """Give a cache that is a view of the current batch (default: every such cache) arrays of its own."""

@@ -60,6 +60,7 @@ class TailScheduler:
         self.decode: deque[_Work] = deque()
         self.prefill: deque[_Work] = deque()
         self.arrived = asyncio.Event()
+        self.closed: list[KVCache] = []  # caches of sessions that ended since the last turn
         self.decoded_at: dict[int, float] = {}  # id of a session's cache -> when it was last in a decode batch
 
     async def step(self, cache: KVCache, hidden: np.ndarray) -> np.ndarray:
@@ -70,15 +71,22 @@ class TailScheduler:
         return await work.done
 
     def forget(self, cache: KVCache) -> None:
-        """A session closed: it is no longer decoding, so batches stop waiting for it and prompts stop being cut."""
+        """A session closed: batches stop waiting for it, prompts stop being cut for it, its batch rows are freed."""
         self.decoded_at.pop(id(cache), None)
+        self.closed.append(cache)
+        self.arrived.set()
 
     async def run(self) -> None:
         """The loop; one per service, started in the lifespan."""
         while True:
+            # Between runs, so the padded batch is not in use by a worker thread.
+            for cache in self.closed:
+                self.batches.drop(cache)
+            self.closed.clear()
             if not self.decode and not self.prefill:
                 self.arrived.clear()
                 await self.arrived.wait()
+                continue
             try:
                 if self.decode:
                     await self._gather()

@@ -47,6 +47,7 @@ class ServerSettings(BaseSettings):
     graceful_shutdown_s: float = Field(20.0, ge=0, description="then in-flight requests get this long to finish")
     log_format: str = Field("text", pattern="^(text|json)$")
     log_level: str = "INFO"
+    access_log: bool = Field(False, description="one log line per request, i.e. per decoded token of every session")
 
     @field_validator("token")
     @classmethod

@@ -58,6 +58,10 @@ def test_batched_steps_equal_single_steps(export_bundle):
     check([0, 1, 2, 3])
     batches.release()
     assert all(k.base is None for cache in together for k in cache.keys + cache.values)
+    check([0, 1, 2, 3])
+    for cache in together:  # every session of the batch ended: nothing may keep the padded arrays alive
+        batches.drop(cache)
+    assert batches.current is None
 
 
 def test_concurrent_decode_steps_share_runs(export_bundle):
