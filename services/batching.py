@@ -35,12 +35,17 @@ class _Batch:
     mask: np.ndarray  # [rows, longest]
     given: list[list[np.ndarray]]  # the key list each row's cache was handed, to tell if it was replaced since
     closed: set[int] = field(default_factory=set)  # ids of member caches whose sessions ended
+    rows: dict[int, int] = field(init=False)  # id of a member cache -> its row
+
+    def __post_init__(self) -> None:
+        self.rows = {id(cache): row for row, cache in enumerate(self.caches)}
 
     def row_of(self, cache: KVCache) -> int | None:
-        for row, (member, given) in enumerate(zip(self.caches, self.given)):
-            if member is cache:
-                return row if cache.keys is given else None
-        return None
+        """The cache's row, while the cache still holds the view of it it was handed."""
+        row = self.rows.get(id(cache))
+        if row is None or self.caches[row] is not cache or cache.keys is not self.given[row]:
+            return None
+        return row
 
 
 class DecodeBatches:
@@ -93,8 +98,9 @@ class DecodeBatches:
         keys = _left_pad([c.keys for c in caches], lengths, longest)
         values = _left_pad([c.values for c in caches], lengths, longest)
         if self.current is not None:
+            staying = {id(c) for c in caches}
             for cache in self.current.caches:
-                if id(cache) not in self.current.closed and not any(cache is c for c in caches):
+                if id(cache) not in self.current.closed and id(cache) not in staying:
                     self.release(cache)
         self.current = _Batch(list(caches), keys, values, mask, [])
         self._hand_out(self.current)
@@ -111,7 +117,7 @@ class DecodeBatches:
     def drop(self, cache: KVCache) -> None:
         """A session ended: its rows need no copying out, and a batch of ended sessions is freed at once."""
         batch = self.current
-        if batch is None or not any(cache is c for c in batch.caches):
+        if batch is None or id(cache) not in batch.rows:
             return
         batch.closed.add(id(cache))
         if all(id(c) in batch.closed for c in batch.caches):

@@ -94,9 +94,9 @@ def _logsumexp(scores: np.ndarray) -> float:
     peak = np.max(scores)
     if not np.isfinite(peak):
         return float(peak)
-    return float(peak + np.log(np.sum(_exp_shifted(scores), dtype=np.float64)))
+    return float(peak + np.log(np.sum(_exp_shifted(scores, peak), dtype=np.float64)))
 
 
-def _exp_shifted(scores: np.ndarray) -> np.ndarray:
+def _exp_shifted(scores: np.ndarray, peak: float | None = None) -> np.ndarray:
     """exp(scores - max) in float32: several times faster than float64 over a vocabulary, and exact enough."""
-    return np.exp((scores - np.max(scores)).astype(np.float32))
+    return np.exp((scores - (np.max(scores) if peak is None else peak)).astype(np.float32))
