@@ -2,14 +2,13 @@
 
     python -m export --model smollm2 --split-layer 4 --out bundles/smollm2-k4
 
-``--full`` also writes the unsplit model as one graph into ``<out>/full`` (the baseline benchmarks compare with);
-``--quantize-head int8`` ships an int8 head to the client.
+``--weights int4`` stores every matrix multiplication in 4-bit blocks (8-bit for the LM head), ``--full`` also writes
+the unsplit model as one graph into ``<out>/full`` (the baseline benchmarks compare with).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import logging
 import os
@@ -19,20 +18,21 @@ import time
 import warnings
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from export import bundle as bundles
-from export.modules import GRAPH_REVISION
-from export.onnx_graphs import export_full, export_head, export_lm_head, export_tail
-from export.quantize import SCHEMES, quantize_head
+from export.graph_builder import GRAPH_REVISION, GraphBuilder, graph_spec, save
+from export.matmul_weights import FLOAT_SCHEMES, QUANTIZED_SCHEMES, MatMulWeights
 from export.sources import load_model
 from export.validate import validate, validate_full
+from splitcore import names
 from splitcore.errors import SplitError
-from splitcore.manifest import MANIFEST_FILE, load_bundle
+from splitcore.manifest import MANIFEST_FILE, GraphSpec, load_bundle
 
 log = logging.getLogger("export")
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+DTYPES = {"fp32": np.dtype(np.float32), "fp16": np.dtype(np.float16)}
+WEIGHTS = FLOAT_SCHEMES + QUANTIZED_SCHEMES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,24 +42,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "random:tiny or random:tinyllama (default: %(default)s)")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     p.add_argument("--split-layer", type=int, default=4, help="first layer of the tail, 1..N-1 (default: %(default)s)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
-                   help="dtype of the tail graph; fp16 is for GPU tails (the CPU head stays fp32)")
+    p.add_argument("--weights", choices=WEIGHTS, default="fp32",
+                   help="how matrix multiplications store their weights: fp32 (the exact parity reference), fp16 "
+                        "(GPU tails), int8, int4-mlp (MLP gate/up 4-bit, the rest 8-bit) or int4 (LM head 8-bit); "
+                        "blocks of 32 with a scale and zero point; quantized bundles must pass the quality floors on "
+                        "held-out text (default: %(default)s)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="activation and KV dtype of the tail (and full) graph; fp16 is for GPU tails, the CPU head "
+                        "stays fp32 (default: fp16 with --weights fp16, else fp32)")
     p.add_argument("--out", type=Path, default=None, help="output directory (default: bundles/<model>-k<K>)")
     p.add_argument("--seed", type=int, default=0, help="seed of random:* weights (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="export even if the bundle is up to date")
     p.add_argument("--full", action="store_true", help="also export the unsplit model as one graph into <out>/full")
-    p.add_argument("--quantize-head", choices=sorted(SCHEMES), default=None,
-                   help="dynamically quantize the head's weights (int8: smaller and faster on CPU, within a looser "
-                        "tolerance that validation states)")
     p.add_argument("--private-output", action="store_true",
                    help="the tail returns final hidden states and the client bundle gets the final norm + LM head "
                         "(lm_head.onnx), so the server never sees logits or output tokens")
     args = p.parse_args(argv)
+    if args.dtype is None:
+        args.dtype = "fp16" if args.weights == "fp16" else "fp32"
+    if args.weights == "fp16" and args.dtype != "fp16":
+        p.error("--weights fp16 needs --dtype fp16 (fp16 weights in an fp32 graph would only be cast back)")
     if args.split_layer < 1:
         p.error(f"--split-layer must be in 1..N-1 (N = number of layers), got {args.split_layer}")
     if args.out is None:
         name = args.model.replace("random:", "random-").rstrip("/").split("/")[-1].removesuffix(".gguf")
-        suffix = ("-fp16" if args.dtype == "fp16" else "") + (f"-{args.quantize_head}" if args.quantize_head else "")
+        suffix = ("-fp16" if args.dtype == "fp16" else "") + (f"-{args.weights}" if args.weights in QUANTIZED_SCHEMES
+                                                               else "")
         suffix += "-private" if args.private_output else ""
         args.out = Path("bundles") / f"{name}-k{args.split_layer}{suffix}"
     return args
@@ -67,12 +75,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def export_args(args: argparse.Namespace) -> dict:
     wanted = {"model": args.model, "revision": args.revision, "split_layer": args.split_layer,
-              "dtype": args.dtype, "seed": args.seed, "graph_revision": GRAPH_REVISION}
-    # Recorded only when asked for, so bundles exported before these options existed stay up to date.
+              "dtype": args.dtype, "weights": args.weights, "seed": args.seed, "graph_revision": GRAPH_REVISION}
+    # Recorded only when asked for.
     if args.full:
         wanted["full"] = True
-    if args.quantize_head:
-        wanted["quantize_head"] = args.quantize_head
     if args.private_output:
         wanted["output_mode"] = "hidden"
     return wanted
@@ -111,7 +117,7 @@ def run(args: argparse.Namespace) -> None:
     check_writable(args.out, roles)
     dtype = DTYPES[args.dtype]
 
-    step = _Steps(5 + bool(args.full) + bool(args.quantize_head) + bool(args.private_output))
+    step = _Steps(5 + bool(args.full) + bool(args.private_output))
     step("loading %s", args.model)
     loaded = load_model(args.model, args.revision, args.seed)
     model = loaded.model
@@ -121,30 +127,40 @@ def run(args: argparse.Namespace) -> None:
 
     for role in (bundles.CLIENT, bundles.SERVER, bundles.FULL):
         (args.out / role / MANIFEST_FILE).unlink(missing_ok=True)
-    step("exporting head: embedding + layers [0, %d)", args.split_layer)
-    # The head runs on the user's CPU, where fp32 is the fast and exact choice; --dtype is the tail's.
-    head = export_head(model, args.split_layer, torch.float32, args.out / bundles.CLIENT / "head.onnx")
+    k, positions = args.split_layer, model.config.max_position_embeddings
+    quantized = args.weights in QUANTIZED_SCHEMES
+    # The head runs on the user's CPU in fp32 activations; its weights follow --weights unless those are fp16.
+    head_weights = args.weights if quantized else "fp32"
+    lm_weights = "int8" if quantized else args.weights
+
+    def write(graph: str, dtype: np.dtype, weights: str, path: Path, layers: range, **build) -> GraphSpec:
+        builder = GraphBuilder(model, dtype, MatMulWeights(weights), MatMulWeights(lm_weights),
+                               progress=_progress(graph))
+        save(builder.build(positions=positions, **build) if build else builder.build_lm_head(), path)
+        has_lm_head = build.get("output") == names.LOGITS or not build
+        return graph_spec(path, layers, dtype, weights, lm_weights if has_lm_head and lm_weights != weights else None)
+
+    step("exporting head (%s weights): embedding + layers [0, %d)", head_weights, k)
+    head = write("head", DTYPES["fp32"], head_weights, args.out / bundles.CLIENT / "head.onnx", range(0, k),
+                 start=0, end=k, embed=True, output=names.HIDDEN_STATES)
     gc.collect()
-    tail_model = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
     lm_head = None
+    output = names.FINAL_HIDDEN_STATES if args.private_output else names.LOGITS
+    step("exporting tail (%s, %s weights): layers [%d, %d)%s", args.dtype, args.weights, k, n,
+         ", returning final hidden states" if args.private_output else " + norm + LM head")
+    tail = write("tail", dtype, args.weights, args.out / bundles.SERVER / "tail.onnx", range(k, n),
+                 start=k, end=n, embed=False, output=output)
     if args.private_output:
-        step("exporting tail (%s): layers [%d, %d), returning final hidden states", args.dtype, args.split_layer, n)
-        tail = export_tail(tail_model, args.split_layer, dtype, args.out / bundles.SERVER / "tail.onnx", True)
         step("exporting the client's final norm + LM head")
-        lm_head = export_lm_head(tail_model, dtype, args.out / bundles.CLIENT / "lm_head.onnx")
-    else:
-        step("exporting tail (%s): layers [%d, %d) + norm + LM head", args.dtype, args.split_layer, n)
-        tail = export_tail(tail_model, args.split_layer, dtype, args.out / bundles.SERVER / "tail.onnx")
+        lm_head = write("lm_head", dtype, lm_weights, args.out / bundles.CLIENT / "lm_head.onnx", range(n, n))
     gc.collect()
     full = None
     if args.full:
-        step("exporting the unsplit model (%s): embedding + layers [0, %d) + norm + LM head", args.dtype, n)
-        full = export_full(tail_model, dtype, args.out / bundles.FULL / "full.onnx")
-    del tail_model
+        step("exporting the unsplit model (%s, %s weights): embedding + layers [0, %d) + norm + LM head",
+             args.dtype, args.weights, n)
+        full = write("full", dtype, args.weights, args.out / bundles.FULL / "full.onnx", range(0, n),
+                     start=0, end=n, embed=True, output=names.LOGITS)
     gc.collect()
-    if args.quantize_head:
-        step("quantizing the head (%s)", args.quantize_head)
-        head = quantize_head(head, args.out / bundles.CLIENT, args.quantize_head)
 
     tokenizer = None
     if loaded.tokenizer is not None:
@@ -184,12 +200,29 @@ def summary(out: Path, files: dict, results: dict, seconds: float) -> None:
         if not size:
             continue
         log.info("%-6s bundle %s: %.1f MiB", role, out / role, size / 2**20)
+    quality = results["quality"]
     log.info(
-        "parity: hidden %.2e, logits %.2e (atol %.2g, rtol %.0e), argmax agreement %.0f%%",
-        results["hidden_states_max_abs_diff"], results["logits_max_abs_diff"], results["atol"], results["rtol"],
-        100 * results["argmax_agreement"],
+        "parity: hidden %.2e, logits %.2e, argmax agreement %.0f%%; held-out perplexity %.3f vs PyTorch fp32 %.3f, "
+        "greedy agreement %.1f%%", results["hidden_states_max_abs_diff"], results["logits_max_abs_diff"],
+        100 * results["argmax_agreement"], quality["perplexity"], quality["reference_perplexity"],
+        100 * quality["greedy_agreement"],
     )
     log.info("done in %.1f s, peak RSS %.0f MiB", seconds, peak_mib)
+
+
+def _progress(graph: str):
+    """Per-layer progress of one graph on stderr: every layer on a terminal, about every 10% in a log."""
+    interactive = sys.stderr.isatty()
+
+    def report(message: str) -> None:
+        done, total = (int(x) for x in message.split()[-1].split("/"))
+        if interactive:
+            sys.stderr.write(f"\r  {graph}: {message}" + ("\n" if done == total else ""))
+            sys.stderr.flush()
+        elif done == total or done % max(1, total // 10) == 0:
+            log.info("  %s: %s", graph, message)
+
+    return report
 
 
 class _Steps:

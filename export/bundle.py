@@ -10,6 +10,7 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
+from export.graph_builder import sliding_windows
 from splitcore.manifest import MANIFEST_FILE, SCHEMA_VERSION, GraphSpec, Manifest, ModelSpec, TokenizerSpec, sha256_file
 
 CLIENT, SERVER, FULL = "client", "server", "full"
@@ -41,6 +42,9 @@ def model_spec(model, model_id: str, source: str, revision: str | None) -> Model
         rope_scaling=rope or None,
         rms_norm_eps=c.rms_norm_eps,
         tie_word_embeddings=bool(c.tie_word_embeddings),
+        model_type=c.model_type,
+        sliding_window=next((w for w in sliding_windows(c) if w), None),
+        attention_bias=model.model.layers[0].self_attn.q_proj.bias is not None,
     )
 
 

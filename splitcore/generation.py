@@ -12,7 +12,7 @@ from typing import Protocol
 import numpy as np
 
 from splitcore.errors import ManifestError
-from splitcore.graphs import HeadRunner, LmHeadRunner, TailRunner, continuation
+from splitcore.graphs import HeadRunner, LmHeadRunner, TailRunner
 from splitcore.noise import BoundaryNoise
 from splitcore.sampling import Choice, Sampler, SamplingParams
 
@@ -25,6 +25,10 @@ class TailLink(Protocol):
     """
 
     def step(self, hidden_states: np.ndarray, past_length: int, sample: bool = True) -> Choice | None: ...
+
+    def close(self) -> None:
+        """Release what the link holds (a remote session); closing twice is harmless."""
+        ...
 
 
 class TokenChooser:
@@ -63,13 +67,16 @@ class LocalTail:
         self.chooser = TokenChooser(params, lm_head)
 
     def step(self, hidden_states: np.ndarray, past_length: int, sample: bool = True) -> Choice | None:
-        if past_length != self.cache.length:
-            raise ValueError(f"tail has {self.cache.length} positions cached, the step continues {past_length}")
-        mask, positions = continuation(past_length, hidden_states.shape[1])
-        output = self.runner.forward(hidden_states, mask, positions, self.cache, logits_to_keep=1)
+        held = self.cache.length(0)
+        if past_length != held:
+            raise ValueError(f"tail has {held} positions cached, the step continues {past_length}")
+        output = self.runner.forward(hidden_states, self.cache, logits_to_keep=1)
         if not sample:
             return None
         return self.chooser.choose(output[0, -1])
+
+    def close(self) -> None:
+        """Nothing to release: the cache goes with this object."""
 
 
 class SplitGenerator:
@@ -103,9 +110,8 @@ class SplitGenerator:
         choice = None
         for start in range(0, len(ids), self.prefill_chunk):
             chunk = np.asarray([ids[start : start + self.prefill_chunk]], dtype=np.int64)
-            past = self.cache.length
-            mask, positions = continuation(past, chunk.shape[1])
-            hidden = self.head.forward(chunk, mask, positions, self.cache)
+            past = self.cache.length(0)
+            hidden = self.head.forward(chunk, self.cache)
             if self.noise is not None:
                 hidden = self.noise(hidden)
             last = start + self.prefill_chunk >= len(ids)

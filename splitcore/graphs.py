@@ -1,4 +1,10 @@
-"""Run the head or the tail graph of a bundle with onnxruntime, carrying the KV cache between calls."""
+"""Run the head, the tail or the unsplit graph of a bundle with onnxruntime, on KV memory written in place.
+
+Every graph takes its KV cache as fixed-size buffers (see ``splitcore.kvpool``): a step binds the slots it runs as
+both past and present through IO binding, so the new positions are written where they belong and no step copies
+the cache, on the CPU or on CUDA alike. Only the step's input goes in and its (kept) output comes back through host
+memory.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +16,18 @@ import numpy as np
 import onnxruntime as ort
 
 from splitcore import names
-from splitcore.errors import ManifestError, ShapeError
-from splitcore.kvcache import KVCache
+from splitcore.errors import ManifestError, ShapeError, SplitError
+from splitcore.kvpool import KVPool, SlotShape
 from splitcore.manifest import Bundle, GraphSpec
 from splitcore.providers import active_providers, choose_providers, session_options
 
 log = logging.getLogger(__name__)
 
 NUMPY_DTYPES = {"int64": np.dtype(np.int64), "float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
+# onnxruntime's device names for the providers whose memory we know how to bind.
+DEVICES = {"CUDAExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}
+ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
+             "tensor(int32)": "int32"}
 
 
 class GraphRunner:
@@ -29,6 +39,7 @@ class GraphRunner:
         which: Literal["head", "tail", "full"],
         providers: Sequence[str] | None = None,
         intra_op_threads: int = 0,
+        device_id: int = 0,
     ) -> None:
         self.bundle = bundle
         spec = getattr(bundle.manifest, which)
@@ -39,101 +50,151 @@ class GraphRunner:
         self.dtype = NUMPY_DTYPES[self.spec.dtype]
         chosen = choose_providers(providers)
         path = bundle.path(self.spec.file)
-        log.info("loading %s graph %s on %s", which, path, chosen[0])
-        self.session = ort.InferenceSession(str(path), session_options(intra_op_threads), providers=chosen)
+        log.info("loading %s graph %s (%s weights) on %s", which, path, self.spec.weights, chosen[0])
+        try:
+            self.session = ort.InferenceSession(str(path), session_options(intra_op_threads), providers=chosen)
+        except Exception as e:  # onnxruntime raises its own exception types for unreadable or invalid graphs
+            raise ManifestError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0][:300]}") from None
         self.providers = active_providers(providers, chosen, self.session.get_providers())
+        self.device = DEVICES.get(self.providers[0])
+        if self.device is None:
+            raise SplitError(f"KV buffers can be bound on {list(DEVICES)}, but the {which} runs on {self.providers[0]}")
+        self.device_id = device_id
         self.first_input = self.spec.inputs[0].name
-        self.output_names = [self.spec.outputs[0].name] + [n for pair in self.spec.present for n in pair]
+        self.output_name = self.spec.outputs[0].name
+        check_graph(self.session, self.spec, which, str(path))
+        model = bundle.manifest.model
+        start, end = self.spec.layers
+        self.slot_shape = SlotShape(end - start, model.num_key_value_heads, model.head_dim, self.dtype)
 
     @property
     def num_layers(self) -> int:
         start, end = self.spec.layers
         return end - start
 
-    def new_cache(self, batch: int = 1) -> KVCache:
-        model = self.bundle.manifest.model
-        return KVCache.empty(self.num_layers, batch, model.num_key_value_heads, model.head_dim, self.dtype)
+    def new_pool(self, slots: int, max_length: int) -> KVPool:
+        return KVPool(self.slot_shape, slots, max_length, self.device, self.device_id)
 
-    def run(
-        self,
-        first: np.ndarray,
-        attention_mask: np.ndarray,
-        position_ids: np.ndarray,
-        cache: KVCache,
-        extra: dict[str, np.ndarray] | None = None,
-    ) -> np.ndarray:
-        """Run one chunk of ``seq`` positions after ``cache.length`` cached ones; the cache grows in place."""
-        self.check_inputs(first, attention_mask, position_ids, cache.length)
-        feeds = {self.first_input: first, names.ATTENTION_MASK: attention_mask, names.POSITION_IDS: position_ids}
-        if extra:
-            feeds.update(extra)
-        for (key_name, value_name), key, value in zip(self.spec.past, cache.keys, cache.values):
-            feeds[key_name] = key
-            feeds[value_name] = value
-        outputs = self.session.run(self.output_names, feeds)
-        cache.replace(outputs[1::2], outputs[2::2])
-        return outputs[0]
+    def new_cache(self, max_length: int | None = None) -> KVPool:
+        """A one-slot pool for one sequence (slot 0, acquired); ``max_length`` defaults to the model's positions."""
+        pool = self.new_pool(1, max_length or self.bundle.manifest.model.max_position_embeddings)
+        pool.acquire()
+        return pool
 
-    def check_inputs(self, first: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: int) -> None:
-        batch, seq = first.shape[0], first.shape[1]
-        if attention_mask.shape != (batch, past + seq):
-            raise ShapeError(
-                f"{self.which}: attention_mask has shape {attention_mask.shape}, expected "
-                f"({batch}, past {past} + new {seq})"
-            )
-        if position_ids.shape != (batch, seq):
-            raise ShapeError(f"{self.which}: position_ids has shape {position_ids.shape}, expected ({batch}, {seq})")
+    def run(self, first: np.ndarray, pool: KVPool, lo: int, totals: np.ndarray,
+            extra: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        """One run over slots [lo, lo + batch): row r ends up holding ``totals[r]`` positions. Lengths are the
+        caller's to update."""
+        rows = first.shape[0]
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(self.first_input, np.ascontiguousarray(first))
+        binding.bind_cpu_input(names.SEQLENS_K, (totals - 1).astype(np.int32))
+        binding.bind_cpu_input(names.TOTAL_SEQUENCE_LENGTH, np.array(int(totals.max()), dtype=np.int32))
+        for name, array in (extra or {}).items():
+            # An OrtValue input, since bind_cpu_input cannot override an initializer (logits_to_keep).
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
+        binding.bind_output(self.output_name, "cpu")
+        pool.bind(binding, self.spec.past, self.spec.present, lo, rows)
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()
+
+    def extend(self, first: np.ndarray, pool: KVPool, slot: int = 0, extra: dict[str, np.ndarray] | None = None
+               ) -> np.ndarray:
+        """``seq`` new positions [1, seq, ...] after what ``slot`` holds (a prompt, a chunk of one, or drafts)."""
+        if first.ndim < 2 or first.shape[0] != 1 or first.shape[1] < 1:
+            raise ShapeError(f"{self.which}: a step of one sequence needs shape [1, seq >= 1, ...], got {first.shape}")
+        seq = first.shape[1]
+        pool.check_room(slot, seq)
+        totals = np.array([pool.lengths[slot] + seq], dtype=np.int64)
+        output = self.run(first, pool, slot, totals, extra)
+        pool.lengths[slot] += seq
+        return output
+
+    def decode(self, first: np.ndarray, pool: KVPool, slots: Sequence[int],
+               extra: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        """One new position for each of ``slots`` (rows of ``first`` [n, 1, ...] in the same order), in one run.
+
+        The run covers the slot range from the lowest to the highest; slots in between without a token run on
+        zeros and write only their scratch position. Returns the outputs in the order of ``slots``.
+        """
+        if first.shape[0] != len(slots) or first.shape[1] != 1:
+            raise ShapeError(f"{self.which}: decode needs [{len(slots)}, 1, ...], got {first.shape}")
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"a slot appears twice in one decode run: {list(slots)}")
+        for slot in slots:
+            pool.check_room(slot, 1)
+        index = np.asarray(slots, dtype=np.int64)
+        lo, hi = int(index.min()), int(index.max()) + 1
+        if hi - lo == len(slots):
+            batch = np.empty((hi - lo, *first.shape[1:]), dtype=first.dtype)
+        else:
+            batch = np.zeros((hi - lo, *first.shape[1:]), dtype=first.dtype)
+        batch[index - lo] = first
+        totals = pool.lengths[lo:hi] + 1
+        output = self.run(batch, pool, lo, totals, extra)
+        pool.lengths[index] += 1
+        return output[index - lo]
+
+
+def check_graph(session: ort.InferenceSession, spec: GraphSpec, which: str, path: str) -> None:
+    """The graph onnxruntime loaded must have the IO the manifest promises: a bundle whose graph and manifest
+    disagree is refused when it is loaded, not on the first request."""
+    inputs = {i.name: i for i in [*session.get_inputs(), *session.get_overridable_initializers()]}
+    outputs = {o.name: o for o in session.get_outputs()}
+    for tensor, found, kind in [(t, inputs, "input") for t in spec.inputs] + [(t, outputs, "output")
+                                                                               for t in spec.outputs]:
+        got = found.get(tensor.name)
+        if got is None:
+            raise ManifestError(f"{path}: the manifest lists {kind} {tensor.name!r}, the graph has "
+                                f"{sorted(found)}; re-run the export")
+        dtype = ORT_TYPES.get(got.type, got.type)
+        if dtype != tensor.dtype:
+            raise ManifestError(f"{path}: {kind} {tensor.name!r} is {got.type} in the graph, the manifest says "
+                                f"{tensor.dtype}; re-run the export")
+        for axis, (want, have) in enumerate(zip(tensor.shape, got.shape)):
+            if isinstance(want, int) and isinstance(have, int) and want != have:
+                raise ManifestError(f"{path}: {kind} {tensor.name!r} has {have} on axis {axis}, the manifest says "
+                                    f"{want}; re-run the export")
 
 
 class HeadRunner(GraphRunner):
     def __init__(self, bundle: Bundle, providers: Sequence[str] | None = None, intra_op_threads: int = 0) -> None:
         super().__init__(bundle, "head", providers, intra_op_threads)
 
-    def forward(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: KVCache
-    ) -> np.ndarray:
-        """Token ids [batch, seq] -> hidden states [batch, seq, hidden] at the split."""
-        return self.run(input_ids, attention_mask, position_ids, cache)
+    def forward(self, input_ids: np.ndarray, cache: KVPool, slot: int = 0) -> np.ndarray:
+        """Token ids [1, seq] after what the slot holds -> hidden states [1, seq, hidden] at the split."""
+        return self.extend(np.asarray(input_ids, dtype=np.int64), cache, slot)
 
 
 class TailRunner(GraphRunner):
-    def __init__(self, bundle: Bundle, providers: Sequence[str] | None = None, intra_op_threads: int = 0) -> None:
-        super().__init__(bundle, "tail", providers, intra_op_threads)
+    def __init__(self, bundle: Bundle, providers: Sequence[str] | None = None, intra_op_threads: int = 0,
+                 device_id: int = 0) -> None:
+        super().__init__(bundle, "tail", providers, intra_op_threads, device_id)
 
-    def forward(
-        self,
-        hidden_states: np.ndarray,
-        attention_mask: np.ndarray,
-        position_ids: np.ndarray,
-        cache: KVCache,
-        logits_to_keep: int = 1,
-    ) -> np.ndarray:
-        """Hidden states at the split -> the tail's output for the last ``logits_to_keep`` positions (0: all).
+    def forward(self, hidden_states: np.ndarray, cache: KVPool, slot: int = 0, logits_to_keep: int = 1) -> np.ndarray:
+        """Hidden states [1, seq, hidden] -> the tail's output for the last ``logits_to_keep`` positions (0: all).
 
-        That output is ``logits`` [batch, kept, vocab] in output mode "logits" and ``final_hidden_states``
-        [batch, kept, hidden] in output mode "hidden" (see ``LmHeadRunner``).
+        That output is ``logits`` [1, kept, vocab] in output mode "logits" and ``final_hidden_states``
+        [1, kept, hidden] in output mode "hidden" (see ``LmHeadRunner``).
         """
         keep = {names.LOGITS_TO_KEEP: np.array(logits_to_keep, dtype=np.int64)}
-        return self.run(hidden_states.astype(self.dtype, copy=False), attention_mask, position_ids, cache, keep)
+        return self.extend(hidden_states.astype(self.dtype, copy=False), cache, slot, keep)
+
+    def decode_rows(self, hidden_states: np.ndarray, pool: KVPool, slots: Sequence[int]) -> np.ndarray:
+        """One position for each slot: hidden [n, 1, hidden] -> output [n, 1, ...]."""
+        return self.decode(hidden_states.astype(self.dtype, copy=False), pool, slots)
 
 
 class FullRunner(GraphRunner):
-    """The unsplit graph of a ``full`` bundle: token ids in, logits out, every layer's KV in one cache."""
+    """The unsplit graph of a ``full`` bundle: token ids in, logits out, every layer's KV in one pool."""
 
     def __init__(self, bundle: Bundle, providers: Sequence[str] | None = None, intra_op_threads: int = 0) -> None:
         super().__init__(bundle, "full", providers, intra_op_threads)
 
-    def forward(
-        self,
-        input_ids: np.ndarray,
-        attention_mask: np.ndarray,
-        position_ids: np.ndarray,
-        cache: KVCache,
-        logits_to_keep: int = 1,
-    ) -> np.ndarray:
-        """Token ids [batch, seq] -> logits [batch, kept, vocab]; 0 keeps every position, n the last n."""
+    def forward(self, input_ids: np.ndarray, cache: KVPool, slot: int = 0, logits_to_keep: int = 1) -> np.ndarray:
+        """Token ids [1, seq] -> logits [1, kept, vocab]; 0 keeps every position, n the last n."""
         keep = {names.LOGITS_TO_KEEP: np.array(logits_to_keep, dtype=np.int64)}
-        return self.run(input_ids, attention_mask, position_ids, cache, keep)
+        return self.extend(np.asarray(input_ids, dtype=np.int64), cache, slot, keep)
 
 
 class LmHeadRunner:
@@ -165,15 +226,3 @@ class LmHeadRunner:
             )
         feeds = {self.input_name: final_hidden_states.astype(self.dtype, copy=False)}
         return self.session.run([self.output_name], feeds)[0]
-
-
-def continuation(past: int, seq: int) -> tuple[np.ndarray, np.ndarray]:
-    """Attention mask and position ids of ``seq`` new positions after ``past`` cached ones, for one unpadded row."""
-    return np.ones((1, past + seq), dtype=np.int64), np.arange(past, past + seq, dtype=np.int64)[None, :]
-
-
-def positions_for(attention_mask: np.ndarray, seq: int) -> np.ndarray:
-    """Position ids of the last ``seq`` columns of a (possibly left-padded) mask, as transformers computes them."""
-    positions = np.cumsum(attention_mask, axis=1) - 1
-    positions = np.where(attention_mask > 0, positions, 0)
-    return positions[:, -seq:].astype(np.int64)

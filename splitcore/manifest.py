@@ -18,15 +18,21 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from splitcore import names
 from splitcore.errors import ManifestError
 
-# 2 added ``output_mode`` and ``lm_head``. A version-1 manifest reads as output_mode "logits" (all it could be);
-# a manifest newer than this code is refused, since its meaning may have changed.
-SCHEMA_VERSION = 2
-READABLE_SCHEMA_VERSIONS = (1, 2)
+# 2 added ``output_mode`` and ``lm_head``. 3: every graph keeps its KV cache in fixed-size buffers written in
+# place (GroupQueryAttention), weights may be quantized (``weights``), and the model records its family's facts.
+# Older bundles grow their cache by concatenation, which this runtime no longer drives: they are refused with a
+# hint to re-export, and so is a manifest newer than this code, since its meaning may have changed.
+SCHEMA_VERSION = 3
+READABLE_SCHEMA_VERSIONS = (3,)
 MANIFEST_FILE = "manifest.json"
 
 # "full" is the unsplit single-graph bundle that benchmarks compare the split against.
 Role = Literal["client", "server", "full"]
-DType = Literal["int64", "float32", "float16"]
+DType = Literal["int64", "int32", "float32", "float16"]
+# Weights of the graph's matrix multiplications: plain floats, or blockwise-quantized (onnxruntime MatMulNBits,
+# block 32, asymmetric) 8- or 4-bit integers ("int4-mlp": the MLP's gate and up projections 4-bit, the rest 8-bit;
+# see export/matmul_weights.py). Activations stay in the graph's dtype.
+Weights = Literal["fp32", "fp16", "int8", "int4-mlp", "int4"]
 # "logits": the tail ends with the final norm + LM head and returns ``logits``; the server sees the output
 # distribution. "hidden": the tail returns ``final_hidden_states`` (after layer N-1, before the final norm) and the
 # client bundle's ``lm_head`` graph (final norm + LM head) turns them into logits on the user's machine.
@@ -54,14 +60,10 @@ class GraphSpec(_Strict):
     outputs: list[TensorSpec]
     past: list[tuple[str, str]]
     present: list[tuple[str, str]]
-    # Set when the weights were quantized after export (IO dtypes unchanged); absent for plain graphs.
-    quantization: Literal["int8-dynamic"] | None = None
-
-    def input(self, name: str) -> TensorSpec:
-        return _by_name(self.inputs, name)
-
-    def output(self, name: str) -> TensorSpec:
-        return _by_name(self.outputs, name)
+    weights: Weights
+    # How the LM head's weights are stored where the graph has one and it differs from ``weights`` (int4 graphs keep
+    # an 8-bit LM head: the vocabulary projection is where 4 bits cost the most quality).
+    lm_head_weights: Weights | None = None
 
 
 class ModelSpec(_Strict):
@@ -81,6 +83,10 @@ class ModelSpec(_Strict):
     rope_scaling: dict | None
     rms_norm_eps: float
     tie_word_embeddings: bool
+    # The family's facts the graphs were built with, so no reader has to guess them.
+    model_type: str = "llama"
+    sliding_window: int | None = None
+    attention_bias: bool = False
 
 
 class TokenizerSpec(_Strict):
@@ -221,9 +227,3 @@ def _verify_file(root: Path, name: str, entry: FileEntry) -> None:
             "export: re-run the export"
         )
 
-
-def _by_name(specs: list[TensorSpec], name: str) -> TensorSpec:
-    for spec in specs:
-        if spec.name == name:
-            return spec
-    raise ManifestError(f"graph has no tensor named {name!r}; it has {[s.name for s in specs]}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import os
 from pathlib import Path
@@ -16,29 +17,41 @@ TINY = "random:tiny"
 
 
 @pytest.fixture(scope="session")
-def export_bundle(tmp_path_factory):
-    """export_bundle(model, split_layer, dtype, full, quantize_head, private_output) -> output dir, exported once."""
+def export_bundle():
+    """export_bundle(model, split_layer, weights, full, private_output, dtype) -> output dir, exported once per
+    machine: bundles are cached across test sessions under SPLIT_TEST_BUNDLES (default ~/.cache/splitllm/test-bundles),
+    keyed on the arguments; the exporter's own up-to-date check (graph revision, arguments, sha256 of every file)
+    re-exports whatever is stale."""
 
-    def make(model: str = TINY, split_layer: int = 2, dtype: str = "fp32", full: bool = False,
-             quantize_head: str | None = None, private_output: bool = False) -> Path:
+    def make(model: str = TINY, split_layer: int = 2, weights: str = "fp32", full: bool = False,
+             private_output: bool = False, dtype: str | None = None) -> Path:
         # The bundle most tests share also carries the unsplit graph, so the bench tests need no export of their own.
-        if (model, split_layer, dtype, quantize_head, private_output) == (TINY, 2, "fp32", None, False):
+        if (model, split_layer, weights, private_output, dtype) == (TINY, 2, "fp32", False, None):
             full = True
-        return exported(model, split_layer, dtype, full, quantize_head, private_output)
+        return exported(model, split_layer, weights, full, private_output, dtype)
 
     @functools.cache
-    def exported(model: str, split_layer: int, dtype: str, full: bool, quantize_head: str | None,
-                 private_output: bool) -> Path:
-        extra = (["--full"] if full else []) + (["--quantize-head", quantize_head] if quantize_head else [])
-        extra += ["--private-output"] if private_output else []
-        name = f"{model.replace(':', '-')}-k{split_layer}-{dtype}" + "".join(a.strip("-") for a in extra)
-        out = tmp_path_factory.mktemp(name)
-        code = export_main(["--model", model, "--split-layer", str(split_layer), "--dtype", dtype, "--out", str(out),
-                            *extra])
-        assert code == 0, f"export of {model} at K={split_layer} ({dtype} {extra}) failed with exit code {code}"
+    def exported(model: str, split_layer: int, weights: str, full: bool, private_output: bool,
+                 dtype: str | None) -> Path:
+        extra = (["--full"] if full else []) + (["--private-output"] if private_output else [])
+        extra += ["--dtype", dtype] if dtype else []
+        name = f"{model.replace(':', '-')}-k{split_layer}-{weights}" + "".join(a.strip("-") for a in extra)
+        out = bundle_cache() / name
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # Several test runs on one machine share the cache: one exporter per bundle at a time.
+        with open(out.parent / f".{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            code = export_main(["--model", model, "--split-layer", str(split_layer), "--weights", weights,
+                                "--out", str(out), *extra])
+        assert code == 0, f"export of {model} at K={split_layer} ({weights} {extra}) failed with exit code {code}"
         return out
 
     return make
+
+
+def bundle_cache() -> Path:
+    root = os.environ.get("SPLIT_TEST_BUNDLES") or Path.home() / ".cache" / "splitllm" / "test-bundles"
+    return Path(root)
 
 
 @pytest.fixture(scope="session")

@@ -1,32 +1,30 @@
-"""The unsplit ONNX graph (the benchmark's baseline) and the int8 head option, against transformers."""
+"""The unsplit ONNX graph (the benchmark's baseline) and the quantized weight schemes."""
 
 from __future__ import annotations
 
 import numpy as np
+import onnx
+import pytest
 import torch
 from conftest import TINY
-from test_parity import CHUNKS, PADDING, left_padded_batch
 
 from export import parity
-from export.validate import torch_greedy
-from splitcore.graphs import FullRunner, positions_for
+from export.matmul_weights import BLOCK_SIZE, MatMulWeights, dequantize_blocks, quantize_blocks
+from export.validate import perplexity, torch_greedy
+from splitcore.graphs import FullRunner
 from splitcore.manifest import load_bundle
 
 
 def test_full_graph_matches_transformers_logits(export_bundle, torch_model):
     full = load_bundle(export_bundle(TINY, 2, full=True) / "full", "full")
-    model = torch_model(TINY).model
-    ids, mask = left_padded_batch(full.manifest.model.vocab_size, CHUNKS[-1][1], PADDING)
-    positions = positions_for(mask, ids.shape[1])
+    ids = np.random.default_rng(3).integers(5, full.manifest.model.vocab_size, 12, dtype=np.int64)
     with torch.no_grad():
-        ref = model(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                    position_ids=torch.from_numpy(positions)).logits.numpy()
+        ref = torch_model(TINY).model(torch.from_numpy(ids[None, :])).logits[0].numpy()
     runner = FullRunner(full)
-    cache = runner.new_cache(2)
-    logits = [runner.forward(ids[:, a:b], mask[:, :b], positions[:, a:b], cache, logits_to_keep=0) for a, b in CHUNKS]
-    real = mask.astype(bool)
-    parity.assert_close("full logits", np.concatenate(logits, 1)[real], ref[real], atol=1e-4, rtol=1e-4)
-    assert cache.length == ids.shape[1]
+    cache = runner.new_cache()
+    logits = [runner.forward(ids[None, a:b], cache, logits_to_keep=0)[0] for a, b in ((0, 6), (6, 7), (7, 12))]
+    parity.assert_close("full logits", np.concatenate(logits), ref, atol=1e-4, rtol=1e-4)
+    assert cache.length(0) == len(ids)
     assert full.manifest.full.layers == (0, full.manifest.model.num_layers)
 
 
@@ -37,28 +35,70 @@ def test_full_graph_greedy_tokens_equal_transformers(export_bundle, torch_model)
     runner = FullRunner(full)
     cache, chunk, got = runner.new_cache(), prompt, []
     for _ in range(24):
-        total = cache.length + chunk.shape[1]
-        positions = np.arange(cache.length, total, dtype=np.int64)[None, :]
-        logits = runner.forward(chunk, np.ones((1, total), np.int64), positions, cache, logits_to_keep=1)
-        got.append(int(logits[0, -1].argmax()))
+        got.append(int(runner.forward(chunk, cache)[0, -1].argmax()))
         chunk = np.asarray([[got[-1]]], dtype=np.int64)
     assert got == expected
     assert len(set(got)) >= 6, f"degenerate reference generation proves little: {got}"
 
 
-def test_int8_head_export_validates_and_keeps_greedy_agreement(export_bundle):
-    out = export_bundle(TINY, 2, quantize_head="int8")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_block_quantization_round_trips_through_matmulnbits(bits):
+    """The packed layout is what onnxruntime's kernel reads: its product equals x @ the dequantized weight."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    k, n = 96, 40
+    weight = rng.standard_normal((k, n)).astype(np.float32)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    packed, scales, zeros = quantize_blocks(weight, bits)
+    dequantized = dequantize_blocks(packed, scales, zeros, bits, k)
+    step = (weight.max() - weight.min()) / (2**bits - 1)
+    assert np.abs(dequantized - weight).max() <= step, "every weight lands within one quantization step"
+    node = helper.make_node("MatMulNBits", ["x", "w", "s", "z"], ["y"], domain="com.microsoft", K=k, N=n, bits=bits,
+                            block_size=BLOCK_SIZE, accuracy_level=0)
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, n])],
+        [numpy_helper.from_array(packed, "w"), numpy_helper.from_array(scales, "s"),
+         numpy_helper.from_array(zeros, "z")],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, x @ dequantized, atol=1e-4, rtol=1e-4)
+
+
+def test_int4_mlp_scheme_quantizes_gate_and_up_only():
+    scheme = MatMulWeights("int4-mlp")
+    assert scheme.bits("layers.3.mlp.gate_proj") == scheme.bits("layers.3.mlp.up_proj") == 4
+    assert scheme.bits("layers.3.mlp.down_proj") == scheme.bits("layers.3.attn.qkv_proj") == 8
+    assert MatMulWeights("int4").bits("layers.0.attn.o_proj") == 4 and MatMulWeights("fp32").bits("lm_head") is None
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_quantized_export_records_quality_and_shrinks_the_bundle(export_bundle, weights):
+    out = export_bundle(TINY, 2, weights)
     client = load_bundle(out / "client", "client")
     manifest = client.manifest
-    assert manifest.head.quantization == "int8-dynamic" and manifest.tail.quantization is None
-    validation = manifest.validation
-    assert validation["status"] == "passed"
-    assert validation["min_greedy_agreement"] == parity.INT8_MIN_GREEDY_AGREEMENT
-    assert validation["greedy_agreement"] >= parity.INT8_MIN_GREEDY_AGREEMENT, validation
-    assert validation["relative_drift"] == parity.INT8_RELATIVE_DRIFT
-    # The whole point on a client: fewer bytes of weights (the graph IO stays float32).
-    fp32 = load_bundle(export_bundle(TINY, 2, full=True) / "client", "client").manifest
-    head_bytes = sum(manifest.files[f].bytes for f in filter(None, (manifest.head.file, manifest.head.data_file)))
-    fp32_bytes = sum(fp32.files[f].bytes for f in filter(None, (fp32.head.file, fp32.head.data_file)))
-    assert head_bytes < 0.5 * fp32_bytes
-    assert [i.dtype for i in manifest.head.inputs] == [i.dtype for i in fp32.head.inputs]
+    assert manifest.head.weights == manifest.tail.weights == weights
+    assert manifest.tail.lm_head_weights == ("int8" if weights == "int4" else None)
+    quality = manifest.validation["quality"]
+    assert quality["tokens"] > 100 and quality["perplexity"] > 1
+    assert manifest.validation["quality_floors"]["gated"] is False  # random weights: recorded, not gated
+    head = onnx.load(str(out / "client" / manifest.head.file), load_external_data=False)
+    ops = {node.op_type for node in head.graph.node}
+    assert "MatMulNBits" in ops and "MatMul" not in ops
+    fp32 = load_bundle(export_bundle(TINY, 2) / "client", "client").manifest
+    size = sum(manifest.files[f].bytes for f in (manifest.head.file, manifest.head.data_file))
+    fp32_size = sum(fp32.files[f].bytes for f in (fp32.head.file, fp32.head.data_file))
+    # The embedding table stays float32; the layers shrink.
+    assert size < fp32_size
+
+
+def test_perplexity_of_a_perfect_and_a_uniform_model():
+    ids = np.array([1, 2, 3, 0])
+    certain = np.full((4, 4), -1e9)
+    certain[np.arange(3), ids[1:]] = 0.0
+    assert perplexity(certain, ids) == pytest.approx(1.0)
+    assert perplexity(np.zeros((4, 4)), ids) == pytest.approx(4.0)
