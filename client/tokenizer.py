@@ -8,6 +8,7 @@ from datetime import datetime
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
 
 from splitcore.errors import ManifestError
 from splitcore.manifest import Bundle
@@ -60,23 +61,15 @@ class ChatTokenizer:
 
 
 class StreamDecoder:
-    """Turns token ids, one at a time, into text pieces; holds back incomplete UTF-8 sequences.
+    """Turns token ids, one at a time, into text pieces ("" while a UTF-8 sequence is incomplete).
 
-    Decodes a short window (the previous piece plus the new tokens), so each token costs the same however long the
-    answer grows, and word-boundary spaces come out right for tokenizers that depend on the previous token.
+    ``tokenizers``' own incremental decoder: it decodes a short window, so each token costs the same however long
+    the answer grows, and word-boundary spaces come out as in a full decode.
     """
 
     def __init__(self, tokenizer: ChatTokenizer) -> None:
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.prefix_offset = 0
-        self.read_offset = 0
+        self.tokenizer = tokenizer.tokenizer
+        self.stream = DecodeStream(skip_special_tokens=True)
 
     def push(self, token: int) -> str:
-        self.ids.append(token)
-        before = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
-        after = self.tokenizer.decode(self.ids[self.prefix_offset :])
-        if len(after) <= len(before) or after.endswith("\ufffd"):
-            return ""
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        return after[len(before) :]
+        return self.stream.step(self.tokenizer, token) or ""
