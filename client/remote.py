@@ -1,89 +1,84 @@
 """The tail behind HTTP: a session on the tail service, with replay when the session or the connection is lost.
 
 The client keeps the hidden states it has sent (fp16, as sent). When the server forgets the session (restart, pod
-replaced, TTL) or the connection drops, it opens a new session, replays those exact bytes in chunks, and retries
-the step: the new server rebuilds the same KV cache, so greedy output is identical to an uninterrupted run. Replaying
-the bytes already sent, rather than recomputing them, also keeps boundary noise from being re-drawn (which would
-let an observer average it out).
+replaced, TTL) it opens a new session, replays those exact bytes in chunks, and retries the step: the new server
+rebuilds the same KV cache, so greedy output is identical to an uninterrupted run. Replaying the bytes already sent,
+rather than recomputing them, also keeps boundary noise from being re-drawn (which would let an observer average it
+out).
+
+When a step fails without an answer (connection dropped, deadline passed), the client first retries it on the same
+session: the step states the positions it continues, so a server that did apply it refuses with 409 and only then is
+the session abandoned (deleted, best effort) and replayed. Retries back off exponentially with jitter for at most
+``retry_budget_s``, enough for a service restarted after ``kill -9``. Everything the service answers is checked
+(status, JSON shape, token range, length), and any answer that is not what the protocol promises ends the run with
+one line instead of a traceback or a replay.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import random
+import re
 import secrets
-import ssl
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
-import httpx
 import numpy as np
+from pydantic import BaseModel, ValidationError
 
+from client.http import Reply, ServiceError, TailClient, TailUnreachable, Traffic, Transient, printable
 from client.settings import ClientSettings
 from splitcore import protocol, wire
-from splitcore.errors import SplitError
+from splitcore.errors import WireError
 from splitcore.generation import TokenChooser
 from splitcore.graphs import LmHeadRunner
 from splitcore.manifest import Bundle
 from splitcore.sampling import Choice, SamplingParams
 
+__all__ = ["RemoteTail", "ServiceError", "TailUnreachable", "Traffic"]
+
 log = logging.getLogger(__name__)
 
 WIRE_DTYPE = np.float16
-RETRYABLE_STATUS = {502, 503, 504}
-
-
-class ServiceError(SplitError):
-    """The tail service refused a request for a reason retrying will not fix."""
-
-
-class TailUnreachable(ServiceError):
-    """The tail service could not be reached (or kept failing) through every retry."""
-
-
-class SessionLost(Exception):
-    """The server no longer has our session (404) or could not be reached: replay into a new one."""
-
-
-class Traffic:
-    """Bytes on the wire in both directions, request and response bodies plus headers."""
-
-    def __init__(self) -> None:
-        self.sent = self.received = self.steps = 0
-
-    def request(self, request: httpx.Request) -> None:
-        self.sent += len(request.content) + sum(len(k) + len(v) + 4 for k, v in request.headers.raw) + 32
-
-    def response(self, response: httpx.Response) -> None:
-        response.read()
-        self.received += len(response.content) + sum(len(k) + len(v) + 4 for k, v in response.headers.raw) + 16
+RETRYABLE_STATUS = {429, 502, 503, 504}
+FIRST_BACKOFF_S = 0.25
+MAX_BACKOFF_S = 4.0
+SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
 
 
 class RemoteTail:
-    """A TailLink that runs the tail on the service; one instance is one conversation."""
+    """A TailLink that runs the tail on the service; one instance is one conversation.
+
+    ``http``: the process's connection pool to the service (one is made, and closed with the link, when None).
+    ``traffic``: where to count bytes (a fresh counter when None).
+    """
 
     def __init__(self, bundle: Bundle, settings: ClientSettings, params: SamplingParams,
-                 lm_head: LmHeadRunner | None = None, sleep: Callable[[float], None] = time.sleep) -> None:
+                 lm_head: LmHeadRunner | None = None, sleep: Callable[[float], None] = time.sleep,
+                 http: TailClient | None = None, traffic: Traffic | None = None) -> None:
         self.bundle = bundle
         # Private-output mode: the service returns the final hidden state and the token is chosen here.
         self.chooser = TokenChooser(params, lm_head) if bundle.manifest.output_mode == "hidden" else None
         self.settings = settings
         self.params = params
         self.sleep = sleep
-        self.traffic = Traffic()
+        self.traffic = traffic or Traffic()
+        self.owns_http = http is None
+        self.http = http or TailClient(settings.server_url, settings.ca_cert, settings.timeout_s,
+                                       settings.max_response_bytes)
         # The affinity key lives as long as this conversation, replays included (a replay after a lost replica
         # hashes to a live one).
-        headers = {protocol.MANIFEST_HEADER: bundle.manifest_sha256,
-                   protocol.AFFINITY_HEADER: secrets.token_urlsafe(12)}
+        self.headers = {protocol.MANIFEST_HEADER: bundle.manifest_sha256,
+                        protocol.AFFINITY_HEADER: secrets.token_urlsafe(12)}
         if settings.token:
-            headers["Authorization"] = f"Bearer {settings.token}"
-        verify: ssl.SSLContext | bool = True
-        if settings.ca_cert:
-            verify = ssl.create_default_context(cafile=str(settings.ca_cert))
-        self.http = httpx.Client(
-            base_url=settings.server_url.rstrip("/"), headers=headers, timeout=settings.timeout_s, verify=verify,
-            event_hooks={"request": [self.traffic.request], "response": [self.traffic.response]},
-        )
+            self.headers["Authorization"] = f"Bearer {settings.token}"
+        self.random = random.Random()
         self.session_id: str | None = None
+        self.max_length: int | None = None
         self.sent: list[bytes] = []  # fp16 hidden-state frames of every position the server holds, in order
         self.length = 0
         self.generated: list[int] = []
@@ -91,9 +86,14 @@ class RemoteTail:
 
     @classmethod
     def open(cls, bundle: Bundle, settings: ClientSettings, params: SamplingParams,
-             lm_head: LmHeadRunner | None = None) -> RemoteTail:
-        tail = cls(bundle, settings, params, lm_head)
-        tail.with_retries(tail.open_session)
+             lm_head: LmHeadRunner | None = None, http: TailClient | None = None,
+             traffic: Traffic | None = None) -> RemoteTail:
+        tail = cls(bundle, settings, params, lm_head, http=http, traffic=traffic)
+        try:
+            tail.with_retries(tail.open_session)
+        except BaseException:
+            tail.close()
+            raise
         return tail
 
     def open_session(self) -> None:
@@ -103,100 +103,190 @@ class RemoteTail:
             sampling=protocol.Sampling(**vars(self.params)),
             generated=self.generated,
         )
-        response = self.request("POST", protocol.SESSIONS_PATH, json=body.model_dump())
-        self.session_id = protocol.SessionOpened.model_validate(response.json()).session_id
-        log.debug("opened session %s", self.session_id)
+        reply = self.request("POST", protocol.SESSIONS_PATH, json.dumps(body.model_dump()).encode(),
+                             {"Content-Type": "application/json"})
+        opened = parse(protocol.SessionOpened, reply, "session")
+        if not SESSION_ID.fullmatch(opened.session_id):
+            raise ServiceError(f"the tail service named its session {printable(opened.session_id, 60)!r}; "
+                               "expected 1-128 letters, digits, '-' or '_'")
+        asked = self.settings.max_length
+        if opened.max_length < max(asked or 1, self.length + 1):
+            raise ServiceError(f"the tail service reserved {opened.max_length} positions; this conversation needs "
+                               f"{max(asked or 1, self.length + 1)}")
+        self.session_id, self.max_length = opened.session_id, opened.max_length
+        log.debug("opened session %s (%d positions)", self.session_id, self.max_length)
 
     def step(self, hidden_states: np.ndarray, past_length: int, sample: bool = True) -> Choice | None:
         if past_length != self.length:
             raise ValueError(f"this conversation holds {self.length} positions, the step continues {past_length}")
         frame = wire.encode(hidden_states.astype(WIRE_DTYPE, copy=False))
-        result = self.with_retries(lambda: self.send(frame, past_length, sample))
+        seq = hidden_states.shape[1]
+        reply = self.with_retries(lambda: self.send(frame, past_length, sample))
+        choice = self.read_step(reply, past_length + seq, sample)
         self.sent.append(frame)
-        self.length += hidden_states.shape[1]
+        self.length += seq
         self.traffic.steps += 1
+        if choice is not None:
+            self.generated.append(choice.token)
+        return choice
+
+    def read_step(self, reply: Reply, length: int, sample: bool) -> Choice | None:
+        """The step's answer, checked: a JSON step result, or in private-output mode a frame of the final hidden."""
+        if self.chooser is not None and sample:
+            try:
+                hidden = wire.decode(reply.body)
+            except WireError as e:
+                raise ServiceError(f"the tail service sent a malformed hidden-state frame: {e}") from None
+            expected = (1, 1, self.bundle.manifest.model.hidden_size)
+            if hidden.shape != expected or hidden.dtype.kind != "f":
+                raise ServiceError(f"the tail service sent a {hidden.dtype.name} frame of shape {list(hidden.shape)}; "
+                                   f"expected a float frame of shape {list(expected)}")
+            return self.chooser.choose(hidden.astype(np.float32)[0, -1])
+        result = parse(protocol.StepResult, reply, "step result")
+        if result.length != length:
+            raise ServiceError(f"the tail service says the session holds {result.length} positions after the step; "
+                               f"expected {length}")
         if not sample:
             return None
-        if self.chooser is not None:
-            choice = self.chooser.choose(wire.decode(result).astype(np.float32)[0, -1])
-            self.generated.append(choice.token)
-            return choice
-        result = protocol.StepResult.model_validate_json(result)
-        assert result.token is not None
-        self.generated.append(result.token)
+        if result.token is None:
+            raise ServiceError("the tail service sent no token (null) for a step that asked for one")
+        vocab = self.bundle.manifest.model.vocab_size
+        for token in (result.token, *(t for t, _ in result.top_logprobs)):
+            if not 0 <= token < vocab:
+                raise ServiceError(f"the tail service sent token id {printable(str(token), 40)}; this model's "
+                                   f"vocabulary is 0..{vocab - 1}")
         return Choice(result.token, result.logprob or 0.0, [tuple(t) for t in result.top_logprobs])
 
-    def send(self, frame: bytes, past_length: int, sample: bool) -> bytes:
-        """The raw answer: a JSON step result, or in private-output mode a frame of the final hidden state."""
+    def send(self, frame: bytes, past_length: int, sample: bool) -> Reply:
         if self.session_id is None:
             self.replay()
-        response = self.request(
-            "POST", protocol.steps_path(self.session_id), content=frame,
-            headers={"Content-Type": wire.MEDIA_TYPE, protocol.PAST_LENGTH_HEADER: str(past_length),
-                     protocol.SAMPLE_HEADER: "1" if sample else "0"},
+        return self.request(
+            "POST", protocol.steps_path(self.session_id), frame,
+            {"Content-Type": wire.MEDIA_TYPE, protocol.PAST_LENGTH_HEADER: str(past_length),
+             protocol.SAMPLE_HEADER: "1" if sample else "0"},
         )
-        return response.content
 
     def replay(self) -> None:
         """A fresh session, fed every frame the lost one had (no sampling), so it holds the same KV cache."""
-        self.session_id = None
         self.open_session()
         self.replays += 1
-        position = 0
-        for frame in self.sent:
-            self.send(frame, position, sample=False)
-            position += wire.decode(frame).shape[1]
-        log.warning("tail session lost; replayed %d positions into a new session", position)
+        self.traffic.replays += 1
+        try:
+            position = 0
+            for frame in self.sent:
+                seq = wire.decode(frame).shape[1]
+                self.read_step(self.send(frame, position, sample=False), position + seq, sample=False)
+                position += seq
+        except Transient:
+            self.abandon()  # half fed: useless to retry on
+            raise
+        if position:
+            log.warning("tail session lost; replayed %d positions into a new session", position)
 
-    def with_retries(self, action):
-        """Run ``action``; on a lost session or connection, back off, replay and retry, a bounded number of times."""
-        delay = 0.25
-        for attempt in range(self.settings.retries + 1):
+    def with_retries(self, action: Callable[[], T]) -> T:
+        """Run ``action``; after a transient failure back off (exponential, jittered) and retry, within the budget.
+
+        The budget is time (no retry starts later than ``retry_budget_s`` after the first try, so a call ends within
+        ``retry_budget_s`` + ``timeout_s``) and, when set, a count (``retries``).
+        """
+        started = time.monotonic()
+        failures = escalation = 0
+        previous = None
+        while True:
             try:
                 return action()
-            except SessionLost as e:
-                if attempt == self.settings.retries:
-                    raise TailUnreachable(
-                        f"tail service at {self.settings.server_url} unusable after {attempt + 1} attempts: {e}"
-                    ) from None
-                log.warning("%s; retrying in %.2f s (%d/%d)", e, delay, attempt + 1, self.settings.retries)
-                self.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                self.session_id = None
-        raise AssertionError("unreachable")
+            except Transient as e:
+                failures += 1
+                # A lost session right after failures to connect means the service is back: replay soon.
+                escalation = 1 if e.session == "lost" and previous != "lost" else escalation + 1
+                previous = e.session
+                if e.session == "lost":
+                    self.session_id = None
+                elif e.session == "abandon":
+                    self.abandon()
+                wait = self.backoff(escalation, e.retry_after_s)
+                spent = time.monotonic() - started
+                out_of_count = self.settings.retries is not None and failures > self.settings.retries
+                if out_of_count or spent + wait > self.settings.retry_budget_s:
+                    raise TailUnreachable(f"tail service at {self.settings.server_url} unusable after {failures} "
+                                          f"attempts over {spent:.1f} s: {e}") from None
+                log.warning("%s; retrying in %.2f s (attempt %d)", e, wait, failures + 1)
+                self.sleep(wait)
 
-    def request(self, method: str, path: str, **kwargs) -> httpx.Response:
-        try:
-            response = self.http.request(method, path, **kwargs)
-        except httpx.TransportError as e:
-            where = self.settings.server_url
-            raise SessionLost(f"cannot reach the tail service at {where} ({type(e).__name__})") from e
-        if response.status_code == 404 and self.session_id is not None:
-            raise SessionLost(f"the server lost session {self.session_id}")
-        if response.status_code in RETRYABLE_STATUS:
-            raise SessionLost(f"the tail service answered {response.status_code}: {error_detail(response)}")
-        if response.status_code >= 400:
-            raise ServiceError(f"tail service refused {method} {path}: {response.status_code} {error_detail(response)}")
-        return response
+    def backoff(self, failures: int, retry_after_s: float | None) -> float:
+        """Equal jitter: half the exponential delay, plus up to as much again at random (no synchronized storms)."""
+        delay = min(FIRST_BACKOFF_S * 2 ** (failures - 1), MAX_BACKOFF_S)
+        wait = delay / 2 + self.random.uniform(0, delay / 2)
+        return max(wait, min(retry_after_s, MAX_BACKOFF_S)) if retry_after_s else wait
+
+    def request(self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None) -> Reply:
+        reply = self.http.request(method, path, {**self.headers, **(headers or {})}, body, self.traffic)
+        status = reply.status
+        if 200 <= status < 300:
+            return reply
+        detail = error_detail(reply)
+        if status == 404 and path != protocol.SESSIONS_PATH:
+            raise Transient(f"the server lost session {self.session_id}", session="lost")
+        if status == 409 and error_kind(reply) == "PositionMismatch":
+            raise Transient(f"the session does not hold what this client sent ({detail})", session="abandon")
+        if status in RETRYABLE_STATUS:
+            raise Transient(f"the tail service answered {status}: {detail}", retry_after_s=retry_after(reply))
+        raise ServiceError(f"tail service refused {method} {path}: {status} {detail}")
+
+    def abandon(self) -> None:
+        """Forget the current session and delete it on the server in the background (best effort)."""
+        session_id, self.session_id = self.session_id, None
+        if session_id is not None:
+            self.http.defer(lambda: self.delete(session_id))
+
+    def delete(self, session_id: str) -> None:
+        self.http.request("DELETE", f"{protocol.SESSIONS_PATH}/{session_id}", self.headers,
+                          timeout_s=min(self.settings.timeout_s, 5.0))
 
     def close(self) -> None:
-        """Delete the session on the server (best effort); closing twice is harmless."""
-        session_id, self.session_id = self.session_id, None
-        if session_id is not None and not self.http.is_closed:
-            try:
-                self.http.delete(f"{protocol.SESSIONS_PATH}/{session_id}")
-            except httpx.HTTPError:
-                pass
-        self.http.close()
+        """Delete the session on the server, off the caller's path (best effort); closing twice is harmless."""
+        self.abandon()
+        if self.owns_http:
+            self.http.close()
 
     def traffic_report(self) -> str:
-        t = self.traffic
-        return f"; sent {t.sent} B, received {t.received} B over {t.steps} steps; {self.replays} replays"
+        return traffic_report(self.traffic.snapshot())
 
 
-def error_detail(response: httpx.Response) -> str:
+def traffic_report(counts: tuple[int, int, int, int]) -> str:
+    sent, received, steps, replays = counts
+    return f"; sent {sent} B, received {received} B over {steps} steps; {replays} replays"
+
+
+def parse(model: type[M], reply: Reply, what: str) -> M:
+    """A protocol body, strictly: garbage, missing or extra fields and wrong types are a ServiceError."""
     try:
-        body = response.json()
-        return body.get("detail") or str(body)
+        return model.model_validate_json(reply.body, strict=True)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise ServiceError(f"the tail service sent a malformed {what} ({len(e.errors())} problems; first: {where}: "
+                           f"{printable(first['msg'], 120)}): {printable(reply.body.decode('utf-8', 'replace'), 80)!r}"
+                           ) from None
+
+
+def error_detail(reply: Reply) -> str:
+    try:
+        body = reply.json()
     except ValueError:
-        return response.text[:200]
+        return printable(reply.body.decode("utf-8", "replace"))
+    detail = body.get("detail") if isinstance(body, dict) else None
+    return printable(detail if isinstance(detail, str) else json.dumps(body))
+
+
+def error_kind(reply: Reply) -> str | None:
+    try:
+        body = reply.json()
+    except ValueError:
+        return None
+    return body.get("error") if isinstance(body, dict) else None
+
+
+def retry_after(reply: Reply) -> float | None:
+    value = reply.headers.get("retry-after", "")
+    return float(value) if value.isdigit() else None
