@@ -19,7 +19,7 @@ K = 2
 def test_manifest_announces_hidden_mode_and_client_lm_head(export_bundle):
     client, server = bundles(export_bundle(TINY, K, private_output=True))
     m = client.manifest
-    assert m.schema_version == 2 and m.output_mode == "hidden"
+    assert m.schema_version == 3 and m.output_mode == "hidden"
     assert m.tail.outputs[0].name == "final_hidden_states"
     assert m.tail.outputs[0].shape == ["batch_size", "kept_sequence_length", m.model.hidden_size]
     assert [t.name for t in m.lm_head.inputs] == ["final_hidden_states"]
@@ -33,11 +33,12 @@ def test_private_tail_plus_client_lm_head_equals_default_logits(export_bundle):
     default_client, default_server = bundles(export_bundle(TINY, K))
     client, server = bundles(export_bundle(TINY, K, private_output=True))
     ids = np.arange(20, 31, dtype=np.int64)[None, :]
-    mask, positions = np.ones_like(ids), np.arange(ids.shape[1], dtype=np.int64)[None, :]
-    hidden = HeadRunner(default_client).forward(ids, mask, positions, HeadRunner(default_client).new_cache())
-    expected = TailRunner(default_server).forward(hidden, mask, positions, TailRunner(default_server).new_cache(), 0)
+    head = HeadRunner(default_client)
+    hidden = head.forward(ids, head.new_cache())
+    default_tail = TailRunner(default_server)
+    expected = default_tail.forward(hidden, default_tail.new_cache(), logits_to_keep=0)
     tail = TailRunner(server)
-    final = tail.forward(hidden, mask, positions, tail.new_cache(), logits_to_keep=0)
+    final = tail.forward(hidden, tail.new_cache(), logits_to_keep=0)
     assert final.shape == (1, ids.shape[1], client.manifest.model.hidden_size)
     parity.assert_close("logits (private vs default)", LmHeadRunner(client).forward(final), expected)
 
@@ -75,18 +76,18 @@ def test_client_cli_local_runs_private_output_like_default(export_bundle, capsys
     assert capsys.readouterr().out == expected and expected.strip()
 
 
-def test_schema_1_manifests_read_as_logits_mode_and_newer_ones_are_refused(export_bundle):
+def test_older_and_newer_manifests_are_refused_with_a_hint(export_bundle):
+    """Schema 1 and 2 bundles grow their KV cache by concatenation, which this runtime no longer drives."""
     import json
 
     from splitcore.manifest import parse_manifest
 
     client, _ = bundles(export_bundle(TINY, K))
     data = json.loads((client.root / "manifest.json").read_text())
-    assert data["schema_version"] == 2 and data["output_mode"] == "logits" and data["lm_head"] is None
-    old = {k: v for k, v in data.items() if k not in ("output_mode", "lm_head")} | {"schema_version": 1}
-    assert parse_manifest(json.dumps(old).encode()).output_mode == "logits"
-    with pytest.raises(ManifestError, match="schema_version 3"):
-        parse_manifest(json.dumps(data | {"schema_version": 3}).encode())
+    assert data["schema_version"] == 3 and data["output_mode"] == "logits" and data["lm_head"] is None
+    for version in (1, 2, 4):
+        with pytest.raises(ManifestError, match=f"schema_version {version}.*re-run the export"):
+            parse_manifest(json.dumps(data | {"schema_version": version}).encode())
     with pytest.raises(ManifestError, match="output_mode 'hidden' needs"):
         parse_manifest(json.dumps(data | {"output_mode": "hidden"}).encode())
 

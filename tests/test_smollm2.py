@@ -79,3 +79,15 @@ def test_client_over_http_prints_what_transformers_generates(smollm2, expected_t
     out, _ = smollm2
     with service_thread(out / "server") as url:
         assert run_client("--bundle", str(out), "--server-url", url) == expected_text + "\n"
+
+
+def test_int4_mlp_export_passes_its_quality_floors_and_still_answers(export_bundle):
+    """The 4-bit bundle users run for speed: gated on held-out perplexity and greedy agreement at export."""
+    out = export_bundle("smollm2", 4, "int4-mlp")
+    client, _ = bundles(out)
+    validation = client.manifest.validation
+    floors = validation["quality_floors"]
+    assert floors["gated"] and floors["scheme"] == "int4-mlp"
+    assert floors["perplexity_ratio"] <= floors["max_perplexity_ratio"]
+    assert validation["quality"]["greedy_agreement"] >= floors["min_greedy_agreement"]
+    assert "Paris" in run_client("--local", "--bundle", str(out))
