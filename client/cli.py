@@ -1,4 +1,8 @@
-"""``python -m client``: answer a prompt with the split model; the generated text is the only thing on stdout."""
+"""``python -m client``: answer a prompt with the split model; the generated text is the only thing on stdout.
+
+Every failure ends in one line on stderr (``client: error: ...``) and exit code 2; nothing is generated before the
+prompt and the tokens asked for are known to fit in the model's positions.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +11,18 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from client.bundles import find_bundle
-from client.conversation import Conversation
-from client.settings import ClientSettings
-from client.tokenizer import ChatTokenizer, StreamDecoder
+from pydantic import ValidationError
+
+from client.conversation import Conversation, fit
+from client.remote import traffic_report
+from client.settings import ClientSettings, explain
+from client.split import Split
+from client.tokenizer import StreamDecoder
 from splitcore.errors import SplitError
-from splitcore.generation import LocalTail, SplitGenerator, TailLink
-from splitcore.graphs import HeadRunner, LmHeadRunner, TailRunner
-from splitcore.manifest import Bundle
-from splitcore.noise import BoundaryNoise
-from splitcore.sampling import SamplingParams
 
 log = logging.getLogger("client")
 
@@ -31,7 +34,7 @@ SETTING_FLAGS = {
     "--server-url": ("server_url", str, "tail service URL"),
     "--token": ("token", str, "bearer token of the tail service"),
     "--ca-cert": ("ca_cert", Path, "CA certificate for an https server"),
-    "--max-new-tokens": ("max_new_tokens", int, "most tokens to generate"),
+    "--max-new-tokens": ("max_new_tokens", int, "most tokens to generate (fewer when the model's context is full)"),
     "--temperature": ("temperature", float, "0 is greedy"),
     "--top-p": ("top_p", float, "nucleus sampling mass"),
     "--top-k": ("top_k", int, "sample among the k best (0: all)"),
@@ -42,30 +45,56 @@ SETTING_FLAGS = {
 }
 
 
-def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, ClientSettings]:
+class UsageError(SplitError):
+    """The command line or the settings it makes are wrong."""
+
+
+def settings_from(args: argparse.Namespace, flags: dict[str, tuple]) -> ClientSettings:
+    """ClientSettings from the environment, with the flags that were given on top; errors as one line."""
+    overrides = {dest: getattr(args, dest) for dest, _, _ in flags.values() if getattr(args, dest) is not None}
+    try:
+        return ClientSettings(**overrides)
+    except ValidationError as e:
+        given = {dest: flag for flag, (dest, _, _) in flags.items() if dest in overrides}
+        raise UsageError(explain(e, given)) from None
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m client", description="Split-inference client: text stays here.",
         epilog="`python -m client serve --help`: a local OpenAI-compatible server on the same split.",
     )
-    p.add_argument("prompt", nargs="?", default=None, help=f"the prompt (default: {DEFAULT_PROMPT!r})")
+    p.add_argument("prompt", nargs="?", default=None,
+                   help=f"the prompt (default: stdin when it is not a terminal, else {DEFAULT_PROMPT!r})")
     p.add_argument("--local", action="store_true", help="run the tail in this process too (no network)")
-    p.add_argument("--chat", action="store_true", help="interactive multi-turn chat")
+    p.add_argument("--chat", action="store_true", help="interactive multi-turn chat (the prompt, if any, opens it)")
     p.add_argument("--raw", action="store_true", help="send the prompt as plain text, without the chat template")
     p.add_argument("--stats", action="store_true", help="print timing and traffic to stderr")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logs on stderr")
     for flag, (dest, kind, help_text) in SETTING_FLAGS.items():
         p.add_argument(flag, dest=dest, type=kind, default=None, help=help_text)
-    args = p.parse_args(argv)
-    overrides = {dest: getattr(args, dest) for dest, _, _ in SETTING_FLAGS.values() if getattr(args, dest) is not None}
-    try:
-        settings = ClientSettings(**overrides)
-    except ValueError as e:
-        p.error(str(e).replace("\n", " "))
-    return args, settings
+    return p.parse_args(argv)
+
+
+def read_prompt(given: str | None, stdin=None) -> str:  # noqa: ANN001 - any text stream
+    """The prompt argument; without one, stdin when it is not a terminal, else the built-in question."""
+    stdin = sys.stdin if stdin is None else stdin
+    if given is None:
+        if stdin is None or stdin.isatty():
+            return DEFAULT_PROMPT
+        given = stdin.read()
+        if not given.strip():
+            raise UsageError("no prompt: stdin was empty; pass the prompt as an argument or pipe it in")
+    if not given.strip():
+        raise UsageError("the prompt is empty; pass some text (or no argument at all for the built-in question)")
+    return given
 
 
 @dataclass
 class Stats:
+    """One answer's counters: tokens and bytes of the same turn."""
+
+    traffic_before: tuple[int, int, int, int] | None = None
     started: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
     tokens: int = 0
@@ -76,90 +105,34 @@ class Stats:
         if self.first_token is None:
             self.first_token = time.perf_counter()
 
-    def report(self, extra: str = "") -> str:
+    def report(self, traffic_now: tuple[int, int, int, int] | None = None) -> str:
         end = time.perf_counter()
         ttft = (self.first_token or end) - self.started
         decode = end - (self.first_token or end)
         rate = (self.tokens - 1) / decode if self.tokens > 1 and decode > 0 else 0.0
-        return (
+        line = (
             f"prompt {self.prompt_tokens} tokens, generated {self.tokens}; time to first token {ttft * 1000:.0f} ms; "
-            f"decode {rate:.1f} tokens/s; total {end - self.started:.2f} s{extra}"
+            f"decode {rate:.1f} tokens/s; total {end - self.started:.2f} s"
         )
+        if traffic_now is not None and self.traffic_before is not None:
+            line += traffic_report(tuple(now - before for now, before in zip(traffic_now, self.traffic_before)))
+        return line
 
 
-def sampling(settings: ClientSettings) -> SamplingParams:
-    return SamplingParams(
-        temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
-        repetition_penalty=settings.repetition_penalty, seed=settings.seed,
-    )
+def start_stats(split: Split) -> Stats:
+    return Stats(split.traffic.snapshot() if split.remote else None)
 
 
-def lm_head(client_bundle: Bundle, settings: ClientSettings) -> LmHeadRunner | None:
-    """The client-side LM head of a private-output bundle; None when the tail returns logits."""
-    if client_bundle.manifest.output_mode != "hidden":
-        return None
-    return LmHeadRunner(client_bundle, ["CPUExecutionProvider"], settings.intra_op_threads)
+def end_stats(split: Split, stats: Stats) -> str:
+    return stats.report(split.traffic.snapshot() if split.remote else None)
 
 
-class Split:
-    """The client side of the split: the head, and a factory of tail links (in process or remote)."""
-
-    def __init__(self, settings: ClientSettings, local: bool) -> None:
-        self.settings = settings
-        self.bundle = find_bundle(settings.bundle, "client")
-        self.tokenizer = ChatTokenizer(self.bundle)
-        self.head = HeadRunner(self.bundle, ["CPUExecutionProvider"], settings.intra_op_threads)
-        self.lm_head = lm_head(self.bundle, settings)
-        self.noise = BoundaryNoise(settings.noise_sigma) if settings.noise_sigma > 0 else None
-        self.local_tail = None
-        if local:
-            server = find_bundle(settings.bundle, "server")
-            if server.manifest_sha256 != self.bundle.manifest_sha256:
-                raise SplitError(
-                    f"the client bundle {self.bundle.root} and the server bundle {server.root} come from different "
-                    "exports; point --bundle at one export output directory"
-                )
-            self.local_tail = TailRunner(server, ["CPUExecutionProvider"], settings.intra_op_threads)
-        self.links: list[TailLink] = []
-
-    def generator(self) -> SplitGenerator:
-        """The one generator of a command-line run; opening it closes the previous one."""
-        self.close()
-        generator = self.new_generator(sampling(self.settings))
-        self.links.append(generator.tail)
-        return generator
-
-    def new_generator(self, params: SamplingParams, max_length: int | None = None) -> SplitGenerator:
-        """A generator with a tail link of its own (closing the link is the caller's job).
-
-        ``max_length``: positions to reserve on the tail service, overriding the settings.
-        """
-        if self.local_tail is not None:
-            link: TailLink = LocalTail(self.local_tail, params, self.lm_head)
-        else:
-            from client.remote import RemoteTail
-
-            settings = self.settings
-            if max_length is not None:
-                settings = settings.model_copy(update={"max_length": max_length})
-            link = RemoteTail.open(self.bundle, settings, params, self.lm_head)
-        return SplitGenerator(self.head, link, self.settings.prefill_chunk, self.noise)
-
-    def traffic(self) -> str:
-        return "".join(link.traffic_report() for link in self.links if hasattr(link, "traffic_report"))
-
-    def close(self) -> None:
-        for link in self.links:
-            if hasattr(link, "close"):
-                link.close()
-        self.links.clear()
+def first_messages(split: Split) -> list[dict]:
+    prompt = split.settings.system_prompt
+    return [{"role": "system", "content": prompt}] if prompt else []
 
 
-def first_messages(settings: ClientSettings) -> list[dict]:
-    return [{"role": "system", "content": settings.system_prompt}] if settings.system_prompt else []
-
-
-def stream(pieces, stats: Stats) -> str:
+def stream(pieces: Iterable[str], stats: Stats) -> str:
     text = []
     for piece in pieces:
         stats.token()
@@ -172,52 +145,61 @@ def stream(pieces, stats: Stats) -> str:
 
 
 def run_once(split: Split, prompt: str, raw: bool, stats: Stats) -> None:
-    settings = split.settings
-    if raw or split.tokenizer.template is None:
-        generator = split.generator()
-        ids = split.tokenizer.encode(prompt)
-        stats.prompt_tokens = len(ids)
-        decoder = StreamDecoder(split.tokenizer)
-        choices = generator.generate(ids, settings.max_new_tokens, split.tokenizer.stop_ids)
-        stream((decoder.push(c.token) for c in choices), stats)
-        return
-    conversation = Conversation(split.tokenizer, split.generator)
-    messages = [*first_messages(settings), {"role": "user", "content": prompt}]
-    stream(conversation.reply(messages, settings.max_new_tokens), stats)
-    stats.prompt_tokens = conversation.fed_new
+    """One answer; the prompt is checked against the model's positions before anything runs."""
+    tokenizer = split.tokenizer
+    if raw or tokenizer.template is None:
+        ids = tokenizer.encode(prompt)
+    else:
+        ids = tokenizer.chat_ids([*first_messages(split), {"role": "user", "content": prompt}])
+    max_new = fit(len(ids), 0, split.settings.max_new_tokens, split.context)
+    stats.prompt_tokens = len(ids)
+    generator = split.generator(max_length=len(ids) + max_new)
+    decoder = StreamDecoder(tokenizer)
+    stream((decoder.push(c.token) for c in generator.generate(ids, max_new, tokenizer.stop_ids)), stats)
 
 
-def run_chat(split: Split, show_stats: bool) -> None:
+def run_chat(split: Split, opening: str | None, show_stats: bool) -> None:
     """Read user turns from stdin until EOF; each turn feeds only the new tokens into both KV caches."""
-    conversation = Conversation(split.tokenizer, split.generator)
-    messages = first_messages(split.settings)
+    conversation = Conversation(split.tokenizer, split.generator, split.context)
+    messages = first_messages(split)
     while True:
-        sys.stderr.write("you> ")
-        sys.stderr.flush()
-        line = sys.stdin.readline()
-        if not line:
-            break
+        if opening is not None:
+            line, opening = opening, None
+        else:
+            sys.stderr.write("you> ")
+            sys.stderr.flush()
+            line = sys.stdin.readline()
+            if not line:
+                break
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line.rstrip("\n")})
-        stats = Stats()
-        reply = stream(conversation.reply(messages, split.settings.max_new_tokens), stats)
+        stats = start_stats(split)
+        try:
+            reply = stream(conversation.reply(messages, split.settings.max_new_tokens), stats)
+        except SplitError as e:
+            if stats.tokens:
+                raise
+            messages.pop()  # refused before anything was generated: the conversation goes on without this turn
+            print(f"client: error: {e}", file=sys.stderr)
+            continue
         stats.prompt_tokens = conversation.fed_new
         messages.append({"role": "assistant", "content": reply})
         if show_stats:
-            log.info("%s (reused %d cached positions)", stats.report(split.traffic()), conversation.reused)
+            log.info("%s (reused %d cached positions)", end_stats(split, stats), conversation.reused)
 
 
 def run(args: argparse.Namespace, settings: ClientSettings) -> None:
+    prompt = None if args.chat and args.prompt is None else read_prompt(args.prompt)
     split = Split(settings, args.local)
     try:
         if args.chat:
-            run_chat(split, args.stats)
+            run_chat(split, prompt, args.stats)
             return
-        stats = Stats()
-        run_once(split, args.prompt or DEFAULT_PROMPT, args.raw, stats)
+        stats = start_stats(split)
+        run_once(split, prompt, args.raw, stats)
         if args.stats:
-            log.info("%s", stats.report(split.traffic()))
+            log.info("%s", end_stats(split, stats))
     finally:
         split.close()
 
@@ -228,13 +210,13 @@ def main(argv: list[str] | None = None) -> int:
         from client.gateway.cli import main as serve
 
         return serve(argv[1:])
-    args, settings = parse_args(argv)
+    args = parse_args(argv)
     level = "DEBUG" if args.verbose else os.environ.get("LOG_LEVEL", "WARNING")
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     if args.stats:
         log.setLevel(logging.INFO)
     try:
-        run(args, settings)
+        run(args, settings_from(args, SETTING_FLAGS))
     except SplitError as e:
         print(f"client: error: {e}", file=sys.stderr)
         return 2

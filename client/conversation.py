@@ -6,9 +6,33 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 
 from client.tokenizer import ChatTokenizer, StreamDecoder
+from splitcore.errors import SplitError
 from splitcore.generation import SplitGenerator
 
 log = logging.getLogger(__name__)
+
+
+class ContextExceeded(SplitError):
+    """A prompt does not leave room in the model's positions for even one generated token."""
+
+
+def fit(prompt: int, held: int, max_new_tokens: int, context: int) -> int:
+    """The tokens a turn may generate: ``max_new_tokens``, clamped to the positions left after the prompt.
+
+    ``held``: positions the caches hold before this turn's ``prompt`` tokens. A prompt that leaves no room for even
+    one token is refused.
+    """
+    room = context - held - prompt
+    if room < 1:
+        before = f" after the {held} positions this conversation holds" if held else ""
+        raise ContextExceeded(
+            f"the prompt has {prompt} tokens{before}; this model holds {context} positions, which leaves no room to "
+            "generate: shorten the prompt" + (" or start a new conversation" if held else "")
+        )
+    if max_new_tokens > room:
+        log.warning("generating at most %d tokens, not %d: the model holds %d positions and the prompt takes %d",
+                    room, max_new_tokens, context, held + prompt)
+    return min(max_new_tokens, room)
 
 
 class Conversation:
@@ -19,9 +43,11 @@ class Conversation:
     fresh generator from ``restart``.
     """
 
-    def __init__(self, tokenizer: ChatTokenizer, restart: Callable[[], SplitGenerator]) -> None:
+    def __init__(self, tokenizer: ChatTokenizer, restart: Callable[[], SplitGenerator],
+                 context: int | None = None) -> None:
         self.tokenizer = tokenizer
         self.restart = restart
+        self.context = context  # when set, each turn's tokens are fitted into it (see ``fit``)
         self.generator = restart()
         self.fed_new: int = 0
         self.reused: int = 0
@@ -62,6 +88,8 @@ class Conversation:
     def complete(self, text: str, max_new_tokens: int) -> Iterator[str]:
         """Stream the continuation of ``text`` (already rendered): one text piece per token."""
         ids = self.ids_to_feed(text)
+        if self.context is not None:
+            max_new_tokens = fit(len(ids), len(self.generator.held_ids), max_new_tokens, self.context)
         self.fed_new = len(ids)
         decoder = StreamDecoder(self.tokenizer)
         for choice in self.generator.generate(ids, max_new_tokens, self.tokenizer.stop_ids):
@@ -73,6 +101,4 @@ class Conversation:
 
     def close(self) -> None:
         """Release the tail session behind the current generator (a remote link deletes it on the server)."""
-        close = getattr(self.generator.tail, "close", None)
-        if close is not None:
-            close()
+        self.generator.tail.close()

@@ -9,11 +9,12 @@ import sys
 
 import uvicorn
 
-from client.cli import SETTING_FLAGS, Split
+from client.cli import SETTING_FLAGS
 from client.gateway.app import create_app
 from client.gateway.engine import Engine
 from client.gateway.settings import GatewaySettings
 from client.settings import ClientSettings
+from client.split import Split
 from splitcore.errors import SplitError
 
 log = logging.getLogger("client.gateway")

@@ -7,11 +7,11 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from client.cli import Split
 from client.conversation import Conversation
 from client.gateway.errors import ContextLengthExceeded
 from client.gateway.pool import ConversationPool
 from client.gateway.stops import StopMatcher
+from client.split import Split
 from splitcore.sampling import SamplingParams
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,103 @@
+"""The client side of the split: the head, the tokenizer, and tail links to the service (or in process).
+
+One ``Split`` per process: the command line and the gateway both build on it. It holds the one connection pool to
+the tail service, so every conversation reuses its connections and TLS context.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from client.bundles import find_bundle
+from client.http import TailClient, Traffic
+from client.remote import RemoteTail
+from client.settings import ClientSettings
+from client.tokenizer import ChatTokenizer
+from splitcore.errors import SplitError
+from splitcore.generation import LocalTail, SplitGenerator, TailLink
+from splitcore.graphs import HeadRunner, LmHeadRunner, TailRunner
+from splitcore.manifest import Bundle
+from splitcore.noise import BoundaryNoise
+from splitcore.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+def sampling(settings: ClientSettings) -> SamplingParams:
+    return SamplingParams(
+        temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
+        repetition_penalty=settings.repetition_penalty, seed=settings.seed,
+    )
+
+
+def lm_head(client_bundle: Bundle, settings: ClientSettings) -> LmHeadRunner | None:
+    """The client-side LM head of a private-output bundle; None when the tail returns logits."""
+    if client_bundle.manifest.output_mode != "hidden":
+        return None
+    return LmHeadRunner(client_bundle, ["CPUExecutionProvider"], settings.intra_op_threads)
+
+
+class Split:
+    """The head, and a factory of tail links (in process with ``local``, else on the tail service)."""
+
+    def __init__(self, settings: ClientSettings, local: bool) -> None:
+        self.settings = settings
+        self.bundle = find_bundle(settings.bundle, "client")
+        self.tokenizer = ChatTokenizer(self.bundle)
+        self.head = HeadRunner(self.bundle, ["CPUExecutionProvider"], settings.intra_op_threads)
+        self.lm_head = lm_head(self.bundle, settings)
+        self.noise = BoundaryNoise(settings.noise_sigma) if settings.noise_sigma > 0 else None
+        self.local_tail = None
+        if local:
+            server = find_bundle(settings.bundle, "server")
+            if server.manifest_sha256 != self.bundle.manifest_sha256:
+                raise SplitError(
+                    f"the client bundle {self.bundle.root} and the server bundle {server.root} come from different "
+                    "exports; point --bundle at one export output directory"
+                )
+            self.local_tail = TailRunner(server, ["CPUExecutionProvider"], settings.intra_op_threads)
+        # One pool (and TLS context) for every conversation of this process; None when the tail is in process.
+        self.http = None if local else TailClient(settings.server_url, settings.ca_cert, settings.timeout_s,
+                                                  settings.max_response_bytes)
+        self.traffic = Traffic()  # every remote link's bytes, added up
+        self.links: list[TailLink] = []
+
+    @property
+    def remote(self) -> bool:
+        return self.local_tail is None
+
+    @property
+    def context(self) -> int:
+        """Positions a conversation may hold: the model's (from the manifest), or fewer when settings say so."""
+        model = self.bundle.manifest.model.max_position_embeddings
+        return min(model, self.settings.max_length) if self.settings.max_length else model
+
+    def generator(self, max_length: int | None = None) -> SplitGenerator:
+        """The one generator of a command-line run; opening it closes the previous one."""
+        self.close_links()
+        generator = self.new_generator(sampling(self.settings), max_length)
+        self.links.append(generator.tail)
+        return generator
+
+    def new_generator(self, params: SamplingParams, max_length: int | None = None) -> SplitGenerator:
+        """A generator with a tail link of its own (closing the link is the caller's job).
+
+        ``max_length``: positions to reserve on the tail service (default: ``context``).
+        """
+        if self.local_tail is not None:
+            link: TailLink = LocalTail(self.local_tail, params, self.lm_head)
+        else:
+            settings = self.settings.model_copy(update={"max_length": max_length or self.context})
+            link = RemoteTail.open(self.bundle, settings, params, self.lm_head, self.http, self.traffic)
+        return SplitGenerator(self.head, link, self.settings.prefill_chunk, self.noise)
+
+    def close_links(self) -> None:
+        """Close the command line's links; a remote one deletes its session in the background."""
+        for link in self.links:
+            link.close()
+        self.links.clear()
+
+    def close(self) -> None:
+        self.close_links()
+        if self.http is not None:
+            self.http.close()
