@@ -211,7 +211,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return serve(argv[1:])
     args = parse_args(argv)
-    level = "DEBUG" if args.verbose else os.environ.get("LOG_LEVEL", "WARNING")
+    level = "DEBUG" if args.verbose else os.environ.get("LOG_LEVEL", "WARNING").upper()
+    if not isinstance(logging.getLevelName(level), int):
+        print(f"client: error: LOG_LEVEL {level!r} is not one of DEBUG, INFO, WARNING, ERROR", file=sys.stderr)
+        return 2
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     if args.stats:
         log.setLevel(logging.INFO)

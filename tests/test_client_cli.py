@@ -114,6 +114,13 @@ def test_a_bad_setting_is_one_line(capsys, monkeypatch, argv, env, expected):
     assert "usage:" not in err and "pydantic" not in err
 
 
+def test_a_bad_log_level_is_one_line(capsys, monkeypatch):
+    monkeypatch.setenv("LOG_LEVEL", "LOUD")
+    code, err = run_main(capsys, "hi")
+    assert code == 2
+    one_error_line(err, "LOG_LEVEL 'LOUD' is not one of")
+
+
 def test_a_server_url_without_a_scheme_is_not_retried():
     result = client("--server-url", "127.0.0.1:9", "hi", timeout=20)
     one_error_line(result, "is not an http:// or https:// URL")
