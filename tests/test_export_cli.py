@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,141 @@ def test_second_run_is_up_to_date(export_bundle):
     result = run_export("--model", TINY, "--split-layer", "2", "--full", "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert "up to date" in result.stderr
+
+
+# -- the model argument (issue 15, defects 6 and 12; issue 16: the supported families) --------------------------
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    """Fail the test if anything asks the hub, in any way the exporter could."""
+    import huggingface_hub
+    import transformers
+
+    def touched(*args, **kwargs):
+        raise AssertionError("the hub was asked")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", touched)
+    for auto in (transformers.AutoConfig, transformers.AutoTokenizer, transformers.AutoModelForCausalLM):
+        monkeypatch.setattr(auto, "from_pretrained", touched)
+
+
+def test_model_name_typo_fails_at_once_without_the_hub(tmp_path, capsys, no_hub):
+    started = time.perf_counter()
+    result = export_in_process(capsys, "--model", "smolm2", "--out", str(tmp_path / "out"))
+    assert_one_line_error(result, "unknown model 'smolm2'", "did you mean smollm2?", "random:llama3-tiny",
+                          "a .gguf file", "owner/name")
+    assert time.perf_counter() - started < 2
+
+
+def test_missing_local_path_is_not_sent_to_the_hub(tmp_path, capsys, no_hub):
+    result = export_in_process(capsys, "--model", str(tmp_path / "no" / "such" / "model"), "--out",
+                               str(tmp_path / "out"))
+    assert_one_line_error(result, "no directory", "--model takes")
+
+
+def test_failed_export_leaves_no_bundle_folders(tmp_path, capsys, no_hub):
+    """Needs export.cleanup.removed_on_failure around the export in export/__main__.py."""
+    out = tmp_path / "bundles" / "typo-k4"
+    assert_one_line_error(export_in_process(capsys, "--model", "smolm2", "--out", str(out)), "unknown model")
+    assert not (tmp_path / "bundles").exists(), sorted(str(p) for p in tmp_path.rglob("*"))
+
+
+def test_unreachable_hub_is_one_line_after_one_short_try(tmp_path, capsys, monkeypatch):
+    """No network: one look-up, then the local hub cache, then one line (not a minute of retries)."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    calls = []
+
+    def unreachable(self, repo_id, **kwargs):
+        calls.append(kwargs.get("timeout"))
+        raise ConnectionError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", unreachable)
+    started = time.perf_counter()
+    result = export_in_process(capsys, "--model", "no-such-org/no-such-model", "--out", str(tmp_path / "out"))
+    assert_one_line_error(result, "cannot load no-such-org/no-such-model")
+    assert len(calls) == 1 and calls[0] <= 10
+    assert time.perf_counter() - started < 10
+
+
+def test_unknown_hub_repository_is_one_line(tmp_path, capsys, monkeypatch):
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    def not_found(self, repo_id, **kwargs):
+        response = httpx2.Response(404, request=httpx2.Request("GET", f"https://huggingface.co/api/models/{repo_id}"))
+        raise RepositoryNotFoundError("404 Client Error. Repository Not Found", response=response)
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", not_found)
+    result = export_in_process(capsys, "--model", "no-such-org/no-such-model", "--out", str(tmp_path / "out"))
+    assert_one_line_error(result, "no model no-such-org/no-such-model on the hub")
+
+
+def write_tokenizer(directory: Path) -> None:
+    from export.byte_tokenizer import byte_tokenizer
+
+    byte_tokenizer(512).save_pretrained(directory)
+
+
+def test_unsupported_model_type_is_refused_naming_the_list(tmp_path, capsys):
+    """Refused from config.json alone, before any weights are read (there are none here)."""
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=512).save_pretrained(tmp_path / "gpt2")
+    write_tokenizer(tmp_path / "gpt2")
+    result = export_in_process(capsys, "--model", str(tmp_path / "gpt2"), "--out", str(tmp_path / "out"))
+    assert_one_line_error(result, "is a 'gpt2' model", "supports model types llama, mistral, qwen2")
+
+
+def test_local_directory_without_tokenizer_files(tmp_path, capsys):
+    from transformers import LlamaConfig
+
+    LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2).save_pretrained(tmp_path / "llama")
+    result = export_in_process(capsys, "--model", str(tmp_path / "llama"), "--out", str(tmp_path / "out"))
+    assert_one_line_error(result, "has no tokenizer files", "tokenizer.json", "tokenizer.model")
+
+
+def test_sentencepiece_only_tokenizer_without_sentencepiece(tmp_path, capsys, monkeypatch):
+    """Older Llama checkpoints carry only tokenizer.model; the export extra installs sentencepiece for them."""
+    from transformers import LlamaConfig
+
+    from export import sources
+
+    LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2).save_pretrained(tmp_path / "llama")
+    (tmp_path / "llama" / "tokenizer.model").write_bytes(b"not read: the check comes first")
+    monkeypatch.setattr(sources, "has_sentencepiece", lambda: False)
+    result = export_in_process(capsys, "--model", str(tmp_path / "llama"), "--out", str(tmp_path / "out"))
+    assert_one_line_error(result, "tokenizer.model", "pip install sentencepiece")
+
+
+def test_directory_without_config(tmp_path, capsys):
+    write_tokenizer(tmp_path / "half")
+    result = export_in_process(capsys, "--model", str(tmp_path / "half"), "--out", str(tmp_path / "out"))
+    assert_one_line_error(result, "no config.json")
+
+
+def test_gguf_of_an_unsupported_architecture(tmp_path, capsys, monkeypatch):
+    """Refused from the GGUF's metadata, before the (slow) conversion."""
+    import gguf
+
+    path = tmp_path / "other.gguf"
+    writer = gguf.GGUFWriter(path, "gpt2")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    monkeypatch.setenv("SPLIT_CACHE_DIR", str(tmp_path / "cache"))
+    result = export_in_process(capsys, "--model", str(path), "--out", str(tmp_path / "out"))
+    assert_one_line_error(result, "is a 'gpt2' GGUF", "llama, mistral, qwen2")
+
+
+def test_sentencepiece_is_in_the_export_extra():
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(dep.startswith("sentencepiece") for dep in extras["export"])
