@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from client.conversation import Conversation, fit
+from client.conversation import ContextExceeded, Conversation, fit
 from client.remote import traffic_report
 from client.settings import ClientSettings, explain
 from client.split import Split
@@ -177,10 +177,8 @@ def run_chat(split: Split, opening: str | None, show_stats: bool) -> None:
         stats = start_stats(split)
         try:
             reply = stream(conversation.reply(messages, split.settings.max_new_tokens), stats)
-        except SplitError as e:
-            if stats.tokens:
-                raise
-            messages.pop()  # refused before anything was generated: the conversation goes on without this turn
+        except ContextExceeded as e:
+            messages.pop()  # refused before anything ran: the conversation goes on without this turn
             print(f"client: error: {e}", file=sys.stderr)
             continue
         stats.prompt_tokens = conversation.fed_new

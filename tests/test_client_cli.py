@@ -212,6 +212,14 @@ def test_chat_stats_are_per_turn(out, tail):
     assert len([r for r in tail.requests if r.path == "/v1/sessions"]) == 1, "the second turn reuses the session"
 
 
+def test_a_chat_turn_past_the_context_is_refused_and_the_chat_goes_on(out, context, tail):
+    result = client("--chat", "--bundle", str(out), "--server-url", tail.url, "--max-new-tokens", "3",
+                    stdin="word " * context + "\nhi\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("client: error: the prompt has") == 1
+    assert len(result.stdout.splitlines()) == 1, "the second turn is answered"
+
+
 # Issue 13 part 2: one connection pool per process; the next conversation does not wait for the last one's DELETE.
 
 def test_conversations_of_one_process_share_the_pool(out, tail):
