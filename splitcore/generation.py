@@ -11,6 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
+from splitcore.drafting import PromptLookup
 from splitcore.errors import ManifestError
 from splitcore.graphs import HeadRunner, LmHeadRunner, TailRunner
 from splitcore.noise import BoundaryNoise
@@ -25,6 +26,17 @@ class TailLink(Protocol):
     """
 
     def step(self, hidden_states: np.ndarray, past_length: int, sample: bool = True) -> Choice | None: ...
+
+    def verify(self, hidden_states: np.ndarray, past_length: int, count: int) -> list[Choice]:
+        """Run the positions like ``step`` and sample each of the last ``count`` of them (speculative decoding:
+        position i's sample is the token after the i-th of them); samples after a rejected one are discarded by the
+        caller through ``rollback``."""
+        ...
+
+    def rollback(self, length: int) -> None:
+        """Keep only the first ``length`` positions (and the samples taken before them); a remote tail applies it
+        with its next step."""
+        ...
 
     def close(self) -> None:
         """Release what the link holds (a remote session); closing twice is harmless."""
@@ -43,13 +55,21 @@ class TokenChooser:
         self.sampler = Sampler(params)
         self.lm_head = lm_head
         self.generated: list[int] = []
+        self.positions: list[int] = []  # the position each generated token was sampled at
 
-    def choose(self, output: np.ndarray) -> Choice:
-        """``output``: the last position's logits [vocab], or its final hidden state [hidden] with an LM head."""
+    def choose(self, output: np.ndarray, position: int = -1) -> Choice:
+        """``output``: one position's logits [vocab], or its final hidden state [hidden] with an LM head."""
         logits = output if self.lm_head is None else self.lm_head.forward(output[None, None, :])[0, 0]
         choice = self.sampler.choose(logits, self.generated)
         self.generated.append(choice.token)
+        self.positions.append(position)
         return choice
+
+    def forget_from(self, length: int) -> None:
+        """Drop the samples taken at positions >= ``length`` (they followed a rejected draft)."""
+        while self.positions and self.positions[-1] >= length:
+            self.positions.pop()
+            self.generated.pop()
 
 
 class LocalTail:
@@ -73,7 +93,19 @@ class LocalTail:
         output = self.runner.forward(hidden_states, self.cache, logits_to_keep=1)
         if not sample:
             return None
-        return self.chooser.choose(output[0, -1])
+        return self.chooser.choose(output[0, -1], past_length + hidden_states.shape[1] - 1)
+
+    def verify(self, hidden_states: np.ndarray, past_length: int, count: int) -> list[Choice]:
+        held = self.cache.length(0)
+        if past_length != held:
+            raise ValueError(f"tail has {held} positions cached, the step continues {past_length}")
+        output = self.runner.forward(hidden_states, self.cache, logits_to_keep=count)[0]
+        first = past_length + hidden_states.shape[1] - count
+        return [self.chooser.choose(output[i], first + i) for i in range(count)]
+
+    def rollback(self, length: int) -> None:
+        self.cache.truncate(0, length)
+        self.chooser.forget_from(length)
 
     def close(self) -> None:
         """Nothing to release: the cache goes with this object."""
@@ -84,10 +116,18 @@ class SplitGenerator:
 
     ``noise`` is applied to every hidden-state chunk after the head and before the tail link, i.e. to exactly what
     leaves the machine; the head's own KV cache stays noise-free.
+
+    With a ``drafter``, each decode step sends the last token plus drafted ones in one chunk and the tail samples
+    every position (speculative decoding across the split): the drafts that equal the tail's own samples are kept,
+    plus the first sample that differs, and both caches roll back to that length. Greedy output is identical to
+    decoding one token per step; with sampling the distribution is unchanged, since a draft x is kept exactly when
+    the tail's sample from p equals x (probability p(x)) and otherwise that sample is a draw from p without x,
+    renormalised: the standard accept/resample rule for a deterministic draft. The tail never learns the drafts.
     """
 
     def __init__(
-        self, head: HeadRunner, tail: TailLink, prefill_chunk: int = 512, noise: BoundaryNoise | None = None
+        self, head: HeadRunner, tail: TailLink, prefill_chunk: int = 512, noise: BoundaryNoise | None = None,
+        drafter: PromptLookup | None = None,
     ) -> None:
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
@@ -95,6 +135,8 @@ class SplitGenerator:
         self.tail = tail
         self.prefill_chunk = prefill_chunk
         self.noise = noise
+        self.drafter = drafter
+        self.verified_steps = self.drafted = self.accepted = 0
         self.cache = head.new_cache()
         self.ids: list[int] = []
         self.pending: int | None = None
@@ -120,6 +162,39 @@ class SplitGenerator:
         assert choice is not None
         return choice
 
+    def _send(self, ids: Sequence[int]) -> tuple[np.ndarray, int]:
+        past = self.cache.length(0)
+        hidden = self.head.forward(np.asarray([ids], dtype=np.int64), self.cache)
+        if self.noise is not None:
+            hidden = self.noise(hidden)
+        return hidden, past
+
+    def _rollback(self, length: int) -> None:
+        self.cache.truncate(0, length)
+        self.tail.rollback(length)
+        del self.ids[length:]
+
+    def _verify(self, token: int, drafts: list[int]) -> tuple[list[Choice], int]:
+        """Feed ``token`` and the drafts as one chunk; returns the tail's samples and how many drafts they keep."""
+        hidden, past = self._send([token, *drafts])
+        choices = self.tail.verify(hidden, past, len(drafts) + 1)
+        accepted = 0
+        while accepted < len(drafts) and choices[accepted].token == drafts[accepted]:
+            accepted += 1
+        self.ids.extend([token, *drafts])
+        self._rollback(past + 1 + accepted)
+        self.drafter.update(len(drafts), accepted)
+        self.verified_steps += 1
+        self.drafted += len(drafts)
+        self.accepted += accepted
+        return choices, accepted
+
+    def _drafts(self, token: int, limit: int) -> list[int]:
+        if self.drafter is None:
+            return []
+        room = self.cache.max_length - self.cache.length(0) - 1
+        return self.drafter.propose([*self.ids, token], min(limit, room))
+
     @property
     def held_ids(self) -> list[int]:
         """Every id this conversation has produced or been fed, the pending one included."""
@@ -135,13 +210,30 @@ class SplitGenerator:
         if max_new_tokens < 1:
             return
         choice = self.feed(ids)
-        for produced in range(max_new_tokens):
+        produced = 0
+        while True:
             if choice.token in stop_ids:
                 self.pending = choice.token
                 self.finish_reason = "stop"
                 return
             yield choice
-            if produced + 1 == max_new_tokens:
+            produced += 1
+            if produced == max_new_tokens:
                 self.pending = choice.token
                 return
-            choice = self.feed([choice.token])
+            # Drafts never take the run past max_new_tokens: every kept draft plus the final sample fits.
+            drafts = self._drafts(choice.token, max_new_tokens - produced - 1)
+            if not drafts:
+                choice = self.feed([choice.token])
+                continue
+            start = self.cache.length(0)
+            choices, accepted = self._verify(choice.token, drafts)
+            for index, kept in enumerate(choices[:accepted]):
+                if kept.token in stop_ids:  # a stop token was fed as a draft: the caches end before it
+                    self._rollback(start + 1 + index)
+                    self.pending = kept.token
+                    self.finish_reason = "stop"
+                    return
+                yield kept
+                produced += 1
+            choice = choices[accepted]
