@@ -32,6 +32,7 @@ export: venv
 	$(BIN)/python -m export --model $(MODEL) --split-layer $(SPLIT_LAYER) --dtype $(DTYPE) --out $(BUNDLE)
 
 # The real thing: the tail service on loopback in the background, the client in front, text only on this side.
+# Refuses a PORT already in use (e.g. by `make serve`); the service's log stays in $(BUNDLE)/demo-service.log.
 demo: export
 	scripts/demo.sh $(BUNDLE) $(PORT) "$(PROMPT)" $(BIN)/python
 

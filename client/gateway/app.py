@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import logging
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Header, Request
@@ -93,9 +93,7 @@ def create_app(settings: GatewaySettings, load_engine: Callable[[], Engine]) -> 
 
 
 def model_card(engine: Engine) -> dict:
-    created = engine.split.bundle.manifest.export.get("created")
-    stamp = int(datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp()) if created else 0
-    return {"id": engine.model_id, "object": "model", "created": stamp, "owned_by": "splitllm"}
+    return {"id": engine.model_id, "object": "model", "created": engine.created, "owned_by": "splitllm"}
 
 
 def check_model(model_id: str, engine: Engine) -> None:
@@ -112,7 +110,11 @@ def check_request(body: OpenAIRequest, engine: Engine) -> None:
 async def answer(request: Request, engine: Engine, job: Job, body: OpenAIRequest, reply: Reply):
     run = Run(engine, job, request.app.state.executor)
     if not body.stream:
-        text, finished = await collect(run)
+        watch = asyncio.create_task(cancel_when_gone(request, run))
+        try:
+            text, finished = await collect(run)
+        finally:
+            watch.cancel()
         return reply.whole(text, finished.reason, finished.usage)
     events = run.events()
     try:
@@ -123,6 +125,17 @@ async def answer(request: Request, engine: Engine, job: Job, body: OpenAIRequest
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return StreamingResponse(stream(reply, first, events, run, include_usage), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def cancel_when_gone(request: Request, run: Run, every_s: float = 0.2) -> None:
+    """Stop a non-streaming run when its client disconnects: nobody would read the answer.
+
+    (A streaming run notices by itself: its next write fails and the response generator is closed.)
+    """
+    while not await request.is_disconnected():
+        await asyncio.sleep(every_s)
+    log.info("client gone; stopping its generation")
+    run.cancelled.set()
 
 
 async def stream(reply: Reply, first: str | Finished, events: AsyncIterator, run: Run, include_usage: bool):

@@ -53,10 +53,22 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, GatewaySettings, Cl
     return args, gateway, client
 
 
+# Libraries that log each HTTP request at INFO: each generated token is one request to the tail service.
+PER_REQUEST_LOGGERS = ("httpx", "httpcore")
+
+
+def configure_logging(level: str) -> None:
+    """One line per gateway request at INFO; per-token lines (the tail requests) only at DEBUG."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        for name in PER_REQUEST_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     args, gateway, client = parse_args(sys.argv[1:] if argv is None else argv)
     level = "DEBUG" if args.verbose else os.environ.get("LOG_LEVEL", "INFO")
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    configure_logging(level)
     try:
         engine = Engine(Split(client, args.local), gateway.pool_size)
     except SplitError as e:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from client.remote import ServiceError, TailUnreachable
@@ -50,39 +51,48 @@ def from_exception(exc: BaseException) -> APIError:
     return APIError(500, "internal error; the gateway log has the details", type="server_error")
 
 
-def respond(error: APIError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+def field_path(loc: tuple) -> str:
+    """``messages.0.content`` from pydantic's location, without "body" and the tags of union members."""
+    return ".".join(str(p) for p in loc if p != "body" and not (isinstance(p, str) and "[" in p))
+
+
+def respond(error: APIError) -> Response:
+    # ASCII JSON: a message that quotes what the client sent (a lone surrogate included) always encodes.
+    body = json.dumps(error.body()).encode()
+    return Response(body, status_code=error.status, headers=error.headers, media_type="application/json")
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+    async def api_error(request: Request, exc: APIError) -> Response:
         log.info("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
         return respond(exc)
 
     @app.exception_handler(SplitError)
-    async def split_error(request: Request, exc: SplitError) -> JSONResponse:
+    async def split_error(request: Request, exc: SplitError) -> Response:
         error = from_exception(exc)
         log.info("%s %s -> %d: %s", request.method, request.url.path, error.status, error.message)
         return respond(error)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0]
+    async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
+        errors = exc.errors()
+        first = errors[0]
         if first["type"] == "json_invalid":
             return respond(invalid(f"the request body is not valid JSON ({first.get('ctx', {}).get('error', '')})"))
-        where = [str(p) for p in first["loc"] if p != "body"]
-        if not where and first["type"] in ("model_attributes_type", "dict_type"):
+        if not field_path(first["loc"]) and first["type"] in ("model_attributes_type", "dict_type"):
             return respond(invalid("the request body must be a JSON object, sent with Content-Type: application/json"))
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
-                             for e in exc.errors())
-        return respond(invalid(problems, param=".".join(where) or None))
+        # A value refused by our own check says more than "not a list" from the other members of a union.
+        errors = [e for e in errors if e["type"] == "value_error"] or errors
+        problems = "; ".join(f"{field_path(e['loc']) or 'body'}: {e['msg'].removeprefix('Value error, ')}"
+                             for e in errors)
+        return respond(invalid(problems, param=field_path(errors[0]["loc"]) or None))
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return respond(APIError(exc.status_code, str(exc.detail), type=kind))
 
     @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+    async def unexpected(request: Request, exc: Exception) -> Response:
         return respond(from_exception(exc))

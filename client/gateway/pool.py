@@ -1,18 +1,18 @@
-"""Idle conversations kept for prefix reuse: bounded, least recently used first out, one request at a time each.
+"""Idle cached sequences kept for prefix reuse: bounded, least recently used first out, one request at a time each.
 
-A request takes a conversation out of the pool while it runs, so no two requests ever share one; it comes back
-when the request ends cleanly and is dropped (its tail session closed) when the request failed half-way, because
-its two KV caches may then disagree.
+A request takes a sequence out of the pool while it runs, so no two requests ever share one; it comes back when
+the request ends cleanly and is dropped (its tail session closed) when the request failed half-way, because its two
+KV caches may then disagree. Prompts are matched by token ids (see ``client.gateway.sequence``).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from client.conversation import Conversation
+from client.gateway.sequence import CachedSequence
 from splitcore.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Lease:
     params: SamplingParams
-    conversation: Conversation
+    conversation: CachedSequence
     reused: bool
 
 
@@ -31,18 +31,19 @@ def shareable(params: SamplingParams) -> bool:
 
 
 class ConversationPool:
-    def __init__(self, open_conversation: Callable[[SamplingParams], Conversation], size: int) -> None:
+    def __init__(self, open_conversation: Callable[[SamplingParams], CachedSequence], size: int) -> None:
         self.open_conversation = open_conversation
         self.size = size
         self.lock = threading.Lock()
         self.idle: list[Lease] = []  # least recently used first
 
-    def acquire(self, text: str, params: SamplingParams) -> Lease:
-        """The idle conversation holding the longest prefix of ``text`` for these sampling settings, or a new one."""
+    def acquire(self, ids: Sequence[int], params: SamplingParams) -> Lease:
+        """The idle sequence holding the longest prefix of the prompt ``ids`` for these sampling settings, or a new
+        one."""
         if shareable(params):
             with self.lock:
                 fits = [i for i, lease in enumerate(self.idle)
-                        if lease.params == params and lease.conversation.extends(text)]
+                        if lease.params == params and lease.conversation.extends(ids)]
                 if fits:
                     best = max(fits, key=lambda i: self.idle[i].conversation.positions)
                     lease = self.idle.pop(best)

@@ -6,9 +6,9 @@ a value the split cannot honour is a 400 naming the field, never silently droppe
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from client.gateway.errors import invalid
 
@@ -33,6 +33,21 @@ ONLY_DEFAULTS: dict[str, tuple[Any, ...]] = {
 }
 
 
+def unicode_text(value: str) -> str:
+    """JSON may carry a lone UTF-16 surrogate (``"\\ud800"``) that no tokenizer can encode: refuse it here, as a 400."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"character {e.start} is a lone UTF-16 surrogate ({value[e.start]!r}); send valid Unicode text "
+            "(a surrogate pair, or the character itself)"
+        ) from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(unicode_text)]
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -40,12 +55,12 @@ class StreamOptions(BaseModel):
 class OpenAIRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    model: str
+    model: Text
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2, description="omitted: 1, as in the OpenAI API")
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = Field(None, ge=0)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
 
@@ -73,14 +88,14 @@ class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     type: str
-    text: str | None = None
+    text: Text | None = None
 
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
+    content: Text | list[ContentPart] | None = None
 
     def for_template(self) -> dict:
         """The message as chat templates expect it: text content only; ``developer`` is OpenAI's new ``system``."""
@@ -103,7 +118,7 @@ class ChatRequest(OpenAIRequest):
 
 
 class CompletionRequest(OpenAIRequest):
-    prompt: str | list[str]
+    prompt: Text | list[Text]
 
     def text(self) -> str:
         if isinstance(self.prompt, str):
