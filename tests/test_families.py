@@ -17,6 +17,8 @@ import torch
 from conftest import bundles
 
 from export import parity
+from export.__main__ import main as export_main
+from export.byte_tokenizer import SPECIAL_TOKENS
 from export.sources import RANDOM_CONFIGS
 from splitcore.generation import LocalTail, SplitGenerator
 from splitcore.graphs import HeadRunner, TailRunner
@@ -233,3 +235,69 @@ def test_batched_decode_of_rows_with_different_lengths(export_bundle, torch_mode
             break
         last = decode(split, caches, last, list(range(len(prompts)))).argmax(-1).tolist()
     assert got == expected
+
+
+# -- GGUF ------------------------------------------------------------------------------------------------------
+
+
+def write_gguf(model, tokenizer, path):
+    """The model as llama.cpp's converter writes a Qwen2 GGUF: float32 tensors under GGUF names, a byte-level
+    tokenizer, no output.weight when the embeddings are tied."""
+    import gguf
+
+    c = model.config
+    writer = gguf.GGUFWriter(path, "qwen2")
+    writer.add_name("qwen2-tiny")
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_vocab_size(c.vocab_size)
+    vocab = tokenizer.get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(tokens)
+    control = set(SPECIAL_TOKENS) | {t for t in tokens if t.startswith("<unused")}
+    writer.add_token_types([gguf.TokenType.CONTROL if t in control else gguf.TokenType.NORMAL for t in tokens])
+    writer.add_token_scores([0.0] * len(tokens))  # no merges: a byte-level vocabulary
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_pad_token_id(tokenizer.pad_token_id)
+    writer.add_chat_template(tokenizer.chat_template)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, c.num_hidden_layers)
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        base, suffix = name.rsplit(".", 1)
+        writer.add_tensor(f"{names.get_name(base)}.{suffix}", tensor.detach().float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_qwen2_gguf_takes_the_same_path(tmp_path, monkeypatch, torch_model):
+    """A GGUF of the qwen2 architecture: transformers reads it, biases and tied embeddings included, and the split
+    equals the model it was written from."""
+    loaded = torch_model(QWEN2)
+    path = write_gguf(loaded.model, loaded.tokenizer, tmp_path / "qwen2-tiny.gguf")
+    monkeypatch.setenv("SPLIT_CACHE_DIR", str(tmp_path / "converted"))
+    out = tmp_path / "bundle"
+    assert export_main(["--model", str(path), "--split-layer", "2", "--out", str(out)]) == 0
+    split = open_split(out)
+    model = split.client.manifest.model
+    assert (model.model_type, model.attention_bias, model.tie_word_embeddings, model.source) == (
+        "qwen2", True, True, "gguf")
+    ids = random_ids(model.vocab_size, LENGTH, seed=0)
+    ref_logits = torch_forward(loaded.model, ids, 2)[1]
+    logits = extend(split, new_caches(split, 1, LENGTH), ids)[1]
+    parity.assert_close("qwen2 GGUF split vs the model it was written from", logits, ref_logits)
+    prompt = loaded.tokenizer("Split inference keeps text local.")["input_ids"]
+    assert split_greedy(split, prompt, 16, eos_ids(split), prefill_chunk=7) == hf_greedy(
+        loaded.model, prompt, 16, eos_ids(split))
