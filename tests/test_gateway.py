@@ -234,6 +234,8 @@ class HoldingEngine(Engine):
 
 def test_requests_are_served_concurrently(out: Path, tail_url: str) -> None:
     """A short request completes while a long one is held half-way: the two really run at the same time."""
+    HoldingEngine.other_finished.clear()
+    HoldingEngine.overlapped.clear()
     with serve_app(gateway_app(out, tail_url, engine=HoldingEngine), "/v1/models") as url:
         api = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
         long = api.completions.create(model=MODEL, prompt="hold on", max_tokens=8, temperature=0, stream=True)
