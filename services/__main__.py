@@ -1,22 +1,23 @@
 """``python -m services``: serve the tail of a split bundle over HTTP (TLS when a certificate is configured).
 
 On SIGTERM the service first reports 503 on /readyz for ``drain_s`` seconds (so load balancers stop sending new
-sessions) while live sessions keep working, then stops, giving in-flight requests ``graceful_shutdown_s``.
+sessions) while live sessions keep working, then stops, giving in-flight requests ``graceful_shutdown_s``, and
+exits 0. The drain lives in the app's lifespan (services/app.py), not in uvicorn's signal handling.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import sys
-import threading
+import warnings
 
+import onnxruntime as ort
 import uvicorn
-from fastapi import FastAPI
 from pydantic import ValidationError
 
 from services.app import create_app, load_service
+from services.guards import uvicorn_options
 from services.logs import configure
 from services.settings import ServerSettings
 from splitcore.errors import SplitError
@@ -24,31 +25,6 @@ from splitcore.manifest import load_bundle
 from splitcore.providers import choose_providers
 
 log = logging.getLogger("services")
-
-
-class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_s: float) -> None:
-        super().__init__(config)
-        self.app, self.drain_s, self.draining = app, drain_s, False
-
-    def handle_exit(self, sig: int, frame) -> None:
-        if self.draining or self.drain_s == 0:
-            super().handle_exit(sig, frame)
-            return
-        self.draining = True
-        service = getattr(self.app.state, "service", None)
-        if service is not None:
-            service.draining = True
-        log.info("draining: /readyz reports 503 for %.0f s, then shutting down", self.drain_s)
-        threading.Timer(self.drain_s, super().handle_exit, (sig, None)).start()
-
-    @contextlib.contextmanager
-    def capture_signals(self):
-        # uvicorn re-raises the signal that stopped it once it has shut down, so a graceful stop on SIGTERM would
-        # end as "killed by SIGTERM" (exit 143). A drained, finished shutdown is a clean exit: 0.
-        with super().capture_signals():
-            yield
-            self._captured_signals.clear()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,14 +42,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"services: error: invalid settings: {problems}", file=sys.stderr)
         return 2
     configure(settings.log_level, settings.log_format)
+    # onnxruntime reports a provider or graph it cannot load in several lines of its own on stderr (and a Python
+    # warning); the SplitError below says it in one.
+    ort.set_default_logger_severity(4)
     try:
-        choose_providers(settings.providers or None)
-        bundle = load_bundle(settings.bundle, "server")
-        service = load_service(settings, bundle)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            choose_providers(settings.providers or None)
+            bundle = load_bundle(settings.bundle, "server")
+            service = load_service(settings, bundle)
     except SplitError as e:
         print(f"services: error: {e}", file=sys.stderr)
         return 2
-    app = create_app(settings, bundle, service)
+    server: uvicorn.Server | None = None
+
+    def stop() -> None:
+        server.should_exit = True
+
+    app = create_app(settings, bundle, service, stop=stop)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -84,8 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         log_config=None,
         access_log=settings.access_log,
         server_header=False,
+        **uvicorn_options(settings),
     )
-    server = DrainingServer(config, app, settings.drain_s)
+    server = uvicorn.Server(config)
     server.run()
     return 0 if server.started else 3
 

@@ -1,35 +1,31 @@
-"""The session API: open a session, send hidden states step by step, get the next token (or logits) back."""
+"""The session API: open a session, send hidden states step by step, get the next token (or logits) back.
+
+Handlers only parse and check what arrived, hand it to the engine and format its answer; the engine owns every
+session (services/engine.py). Bodies were bounded and read, and the token checked, before any of this runs
+(services/guards.py).
+"""
 
 from __future__ import annotations
 
-import hmac
-import logging
-import time
-from dataclasses import dataclass, field
+import math
+import struct
+from dataclasses import dataclass
 from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Depends, Header, Request, Response
 
+from services.engine import Engine, OpenRequest, StepRequest
 from services.metrics import Metrics
-from services.scheduler import TailScheduler
-from services.sessions import Session, SessionStore
 from services.settings import ServerSettings
 from splitcore import protocol, wire
-from splitcore.errors import (
-    CapacityExceeded,
-    LengthExceeded,
-    ManifestMismatch,
-    PayloadTooLarge,
-    PositionMismatch,
-    Unauthorized,
-    WireError,
-)
+from splitcore.errors import InvalidRequest, ManifestMismatch, ServiceUnavailable, WireError
 from splitcore.graphs import TailRunner
 from splitcore.manifest import Bundle
-from splitcore.sampling import Sampler, SamplingParams
+from splitcore.sampling import SamplingParams
 
-log = logging.getLogger(__name__)
+FP16_MAX = float(np.finfo(np.float16).max)
+MAX_SAMPLE_COUNT = 256
 
 
 @dataclass
@@ -39,29 +35,19 @@ class Service:
     settings: ServerSettings
     bundle: Bundle
     tail: TailRunner
-    store: SessionStore
-    scheduler: TailScheduler
-    metrics: Metrics = field(default_factory=Metrics)
-    draining: bool = False
+    engine: Engine
+    metrics: Metrics
 
 
 def get_service(request: Request) -> Service:
-    return request.app.state.service
+    service = getattr(request.app.state, "service", None)
+    if service is None:
+        raise ServiceUnavailable("the service is still loading")
+    return service
 
 
 ServiceDep = Annotated[Service, Depends(get_service)]
-
-
-def require_token(service: ServiceDep, authorization: Annotated[str | None, Header()] = None) -> None:
-    expected = service.settings.token
-    if expected is None:
-        return
-    scheme, _, given = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), expected.get_secret_value().encode()):
-        raise Unauthorized("this server needs 'Authorization: Bearer <token>' with the configured token")
-
-
-router = APIRouter(prefix=protocol.SESSIONS_PATH, tags=["sessions"], dependencies=[Depends(require_token)])
+router = APIRouter(prefix=protocol.SESSIONS_PATH, tags=["sessions"])
 
 
 def check_manifest(service: Service, sha256: str | None) -> None:
@@ -73,27 +59,24 @@ def check_manifest(service: Service, sha256: str | None) -> None:
 
 
 @router.post("", status_code=201, response_model=protocol.SessionOpened)
-def open_session(body: protocol.OpenSession, service: ServiceDep) -> protocol.SessionOpened:
+async def open_session(body: protocol.OpenSession, service: ServiceDep) -> protocol.SessionOpened:
     check_manifest(service, body.manifest_sha256)
-    if service.draining:
-        raise CapacityExceeded("server is shutting down; open the session on another replica", retry_after_s=1)
-    params = SamplingParams(**body.sampling.model_dump())
+    if len(body.generated) > service.settings.max_generated:
+        raise InvalidRequest(f"generated holds {len(body.generated)} ids; this server takes at most "
+                             f"{service.settings.max_generated} (the repetition penalty looks at the latest "
+                             f"{service.settings.sampling_history})")
     try:
-        max_length = body.max_length or min(service.settings.default_max_length, service.store.max_positions)
-        session = service.store.open(max_length, Sampler(params), body.top_logprobs, body.generated)
-    except CapacityExceeded:
-        service.metrics.rejected.inc()
-        raise
-    log.info("session %s opened (max_length %d)", session.id, session.max_length, extra={"session": session.id})
-    return protocol.SessionOpened(
-        session_id=session.id, max_length=session.max_length, idle_ttl_s=service.settings.session_ttl_s,
-        provider=service.tail.providers[0],
-    )
+        params = SamplingParams(**body.sampling.model_dump())
+    except ValueError as e:
+        raise InvalidRequest(f"sampling: {e}") from None
+    session = await service.engine.open(OpenRequest(body.max_length, params, body.top_logprobs, body.generated))
+    return protocol.SessionOpened(session_id=session.id, max_length=session.max_length,
+                                  idle_ttl_s=service.settings.session_ttl_s, provider=service.tail.providers[0])
 
 
 @router.delete("/{session_id}", status_code=204)
-def close_session(session_id: str, service: ServiceDep) -> Response:
-    service.store.close(session_id)
+async def close_session(session_id: str, service: ServiceDep) -> Response:
+    await service.engine.close(session_id)
     return Response(status_code=204)
 
 
@@ -107,56 +90,63 @@ def close_session(session_id: str, service: ServiceDep) -> Response:
             "content": {wire.MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}},
         }
     },
-    responses={200: {"content": {wire.MEDIA_TYPE: {}}, "description": "JSON step result, or a logits frame"}},
+    responses={200: {"content": {wire.MEDIA_TYPE: {}},
+                     "description": "JSON step result, or a frame of logits / final hidden states"}},
 )
 async def step(
     session_id: str,
     request: Request,
     service: ServiceDep,
-    x_past_length: Annotated[int, Header(ge=0, description="positions the client believes are cached")],
+    x_past_length: Annotated[int, Header(ge=0, le=protocol.MAX_INT,
+                                         description="positions the client believes are cached")],
     x_manifest_sha256: Annotated[str | None, Header()] = None,
     x_sample: Annotated[int, Header(ge=0, le=1)] = 1,
     x_return: Annotated[protocol.ReturnKind, Header()] = "token",
+    x_keep_length: Annotated[int | None, Header(ge=0, le=protocol.MAX_INT,
+                                                description="roll back to this many positions first")] = None,
+    x_sample_count: Annotated[int, Header(ge=1, le=MAX_SAMPLE_COUNT,
+                                          description="sample each of the last n positions")] = 1,
 ):
     check_manifest(service, x_manifest_sha256)
-    session = service.store.get(session_id)
-    hidden = validate_hidden(wire.decode(await read_body(request, service.settings.max_body_bytes)), service)
-    async with session.lock:
-        started = time.perf_counter()
-        check_positions(session, x_past_length, hidden.shape[1])
-        output = await service.scheduler.step(session.cache, hidden)
-        result = protocol.StepResult(token=None, length=session.length)
-        # Private-output bundles end before the final norm: no logits, no token here; the client samples.
-        private = service.bundle.manifest.output_mode == "hidden"
-        if x_return == "token" and x_sample and not private:
-            choice = session.sampler.choose(output, session.generated, session.top_logprobs)
-            session.generated.append(choice.token)
-            result = protocol.StepResult(token=choice.token, logprob=choice.logprob, top_logprobs=choice.top,
-                                         length=session.length)
-            service.metrics.tokens.inc()
-        elapsed = time.perf_counter() - started
-    service.metrics.steps.observe(elapsed)
-    service.metrics.positions.inc(hidden.shape[1])
-    log.debug("step %s +%d -> %d in %.1f ms", session_id, hidden.shape[1], session.length, elapsed * 1000,
-              extra={"session": session_id, "positions": hidden.shape[1], "ms": round(elapsed * 1000, 2)})
-    if (private and x_sample) or x_return == "logits":
-        frame = output[None, None, :] if private else output.astype(np.float32)
-        return Response(wire.encode(frame), media_type=wire.MEDIA_TYPE,
-                        headers={protocol.PAST_LENGTH_HEADER: str(session.length)})
-    return result
+    hidden = validate_hidden(decode_frame(await request.body()), service)
+    seq = hidden.shape[1]
+    if x_sample_count > seq:
+        raise InvalidRequest(f"{protocol.SAMPLE_COUNT_HEADER} {x_sample_count} > the step's {seq} positions")
+    private = service.bundle.manifest.output_mode == "hidden"
+    # Private-output bundles end before the final norm: no logits, no token here; the client samples.
+    samples = x_sample_count if x_sample and x_return == "token" and not private else 0
+    outcome = await service.engine.step(StepRequest(session_id, hidden, x_past_length, x_keep_length,
+                                                    x_sample_count, samples))
+    headers = {protocol.PAST_LENGTH_HEADER: str(outcome.length)}
+    if x_return == "logits":
+        logits = outcome.output[-1] if x_sample_count == 1 else outcome.output
+        return Response(wire.encode(logits.astype(np.float32)), media_type=wire.MEDIA_TYPE, headers=headers)
+    if private and x_sample:
+        return Response(wire.encode(outcome.output[None].astype(np.float32)), media_type=wire.MEDIA_TYPE,
+                        headers=headers)
+    if not outcome.choices:
+        return protocol.StepResult(token=None, length=outcome.length)
+    last = outcome.choices[-1]
+    return protocol.StepResult(token=last.token, logprob=last.logprob, top_logprobs=last.top, length=outcome.length,
+                               tokens=[c.token for c in outcome.choices],
+                               logprobs=[c.logprob for c in outcome.choices])
 
 
-def check_positions(session: Session, past: int, seq: int) -> None:
-    if past != session.length:
-        raise PositionMismatch(
-            f"session holds {session.length} positions but the step continues from {past}; "
-            f"send the hidden states of positions {session.length} onwards"
-        )
-    if past + seq > session.max_length:
-        raise LengthExceeded(f"maximum length exceeded: prefix {past} + current {seq} > {session.max_length}")
+def decode_frame(body: bytes) -> np.ndarray:
+    """wire.decode, after checking the declared size with Python integers (dims whose product overflows int64)."""
+    if len(body) >= 8 and body[:4] == wire.MAGIC:
+        code, rank = body[4], body[5]
+        if code in wire.DTYPE_CODES and rank <= wire.MAX_RANK and len(body) >= 8 + 4 * rank:
+            shape = struct.unpack_from(f"<{rank}I", body, 8)
+            expected = math.prod(shape) * wire.DTYPE_CODES[code].itemsize
+            if expected != len(body) - 8 - 4 * rank:
+                raise WireError(f"frame of shape {list(shape)} {wire.DTYPE_CODES[code].name} needs {expected} data "
+                                f"bytes, got {len(body) - 8 - 4 * rank}")
+    return wire.decode(body)
 
 
 def validate_hidden(hidden: np.ndarray, service: Service) -> np.ndarray:
+    """The frame as the tail's input: float, [1, seq >= 1, hidden], finite, and within the tail dtype's range."""
     size = service.bundle.manifest.model.hidden_size
     if hidden.dtype not in (np.float16, np.float32):
         raise WireError(f"hidden states must be float16 or float32, got {hidden.dtype}")
@@ -164,17 +154,9 @@ def validate_hidden(hidden: np.ndarray, service: Service) -> np.ndarray:
         raise WireError(f"hidden states must have shape [1, seq >= 1, {size}], got {list(hidden.shape)}")
     if not np.isfinite(hidden).all():
         raise WireError("hidden states contain NaN or infinity")
-    return hidden
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {limit}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    if service.tail.dtype == np.float16 and hidden.dtype != np.float16:
+        peak = float(np.abs(hidden).max())
+        if peak > FP16_MAX:
+            raise WireError(f"hidden states reach {peak:.3g}, beyond float16's {FP16_MAX:g}: this tail runs in "
+                            "float16 and would overflow; send float16 or values within its range")
+    return hidden.astype(service.tail.dtype)

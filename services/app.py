@@ -1,11 +1,13 @@
-"""The FastAPI application: lifespan loading, error mapping, health, readiness and metrics."""
+"""The FastAPI application: lifespan loading, the SIGTERM drain, error mapping, health, readiness and metrics."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -13,15 +15,14 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.api import Service, ServiceDep, router
+from services.engine import Engine
+from services.guards import Guard
 from services.metrics import Metrics
-from services.scheduler import TailScheduler
-from services.sessions import SessionStore
 from services.settings import ServerSettings
 from splitcore import errors
-from splitcore.device_runner import DeviceTailRunner
+from splitcore.errors import ManifestError
 from splitcore.graphs import TailRunner
 from splitcore.manifest import Bundle, load_bundle
-from splitcore.providers import choose_providers
 
 log = logging.getLogger(__name__)
 
@@ -29,100 +30,154 @@ STATUS = {
     errors.WireError: 422,
     errors.ShapeError: 422,
     errors.LengthExceeded: 422,
+    errors.InvalidRequest: 422,
     errors.SessionNotFound: 404,
     errors.PositionMismatch: 409,
     errors.ManifestMismatch: 409,
     errors.PayloadTooLarge: 413,
+    errors.RequestTimeout: 408,
     errors.Unauthorized: 401,
     errors.CapacityExceeded: 503,
+    errors.ServiceUnavailable: 503,
 }
-SWEEP_INTERVAL_S = 10.0
 
 
-def load_service(settings: ServerSettings, bundle: Bundle | None = None) -> Service:
-    """Load the tail graph of a bundle, verifying the bundle first unless the caller already did."""
+def load_service(settings: ServerSettings, bundle: Bundle | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> Service:
+    """Load and check the tail graph of a bundle (verifying the bundle first unless the caller did) and size the
+    KV pool; every problem is a SplitError with one line to say. ``clock``: for session idleness (tests)."""
     bundle = bundle or load_bundle(settings.bundle, "server")
-    tail = load_tail(settings, bundle)
-    log.info("serving %s layers [%d, %d) from %s on %s (manifest %s)", bundle.manifest.model.id,
-             *bundle.manifest.tail.layers, settings.bundle, tail.providers[0], bundle.manifest_sha256[:12])
+    check_manifest_facts(bundle)
+    tail = TailRunner(bundle, settings.providers or None, settings.intra_op_threads)
+    manifest = bundle.manifest
+    slot_length = min(settings.slot_length, manifest.model.max_position_embeddings)
+    per_slot = manifest.kv_bytes_per_token(manifest.tail) * (slot_length + 1)
+    slots = min(settings.max_sessions, settings.max_kv_bytes // per_slot)
+    if slots < 1:
+        raise errors.SplitError(
+            f"one KV slot of {slot_length} positions needs {per_slot} bytes, more than max_kv_bytes "
+            f"({settings.max_kv_bytes}); raise SPLIT_SERVER_MAX_KV_BYTES or lower SPLIT_SERVER_SLOT_LENGTH"
+        )
+    if slots < settings.max_sessions:
+        log.warning("max_kv_bytes %d holds %d slots of %d positions, not max_sessions %d", settings.max_kv_bytes,
+                    slots, slot_length, settings.max_sessions)
     metrics = Metrics()
-    # Batching pads numpy caches on the host; device-bound caches (IO binding) run one session per step for now.
-    max_batch = 1 if isinstance(tail, DeviceTailRunner) else settings.max_batch
-    scheduler = TailScheduler(tail, max_batch, settings.prefill_chunk, settings.batch_gather_ms / 1000,
-                              metrics.batch_size.observe)
-    store = SessionStore(tail, settings.max_sessions, settings.max_kv_bytes, settings.session_ttl_s,
-                         settings.evict_idle_s, on_close=scheduler.forget)
-    return Service(settings, bundle, tail, store, scheduler, metrics)
+    engine = Engine(tail, settings, metrics, slots, slot_length, clock)
+    log.info("serving %s layers [%d, %d) from %s on %s (manifest %s): %d KV slots of %d positions, %.1f MiB each",
+             manifest.model.id, *manifest.tail.layers, settings.bundle, tail.providers[0],
+             bundle.manifest_sha256[:12], slots, slot_length, engine.pool.bytes_per_slot / 2**20)
+    return Service(settings, bundle, tail, engine, metrics)
 
 
-def load_tail(settings: ServerSettings, bundle: Bundle) -> TailRunner:
-    """The tail runner: with IO binding (KV caches stay on the device) when asked, or by default on CUDA."""
-    requested = settings.providers or None
-    binding = settings.io_binding == "on"
-    if settings.io_binding == "auto":
-        binding = choose_providers(requested)[0] == "CUDAExecutionProvider"
-    runner = DeviceTailRunner if binding else TailRunner
-    return runner(bundle, requested, settings.intra_op_threads)
+def check_manifest_facts(bundle: Bundle) -> None:
+    """The manifest's model facts must agree with its own tail spec (the graph is checked against the spec when
+    onnxruntime loads it): a hand-edited or mismatched manifest is refused at start-up, not on the first step."""
+    manifest, spec = bundle.manifest, bundle.manifest.tail
+    model = manifest.model
+    first = spec.inputs[0]
+    if first.shape[-1] != model.hidden_size:
+        raise ManifestError(f"{bundle.root}: the tail's {first.name} ends in {first.shape[-1]}, the manifest's "
+                            f"hidden_size is {model.hidden_size}; re-run the export")
+    if first.dtype != spec.dtype:
+        raise ManifestError(f"{bundle.root}: the tail's {first.name} is {first.dtype}, its graph dtype "
+                            f"{spec.dtype}; re-run the export")
+    kv = next((t for t in spec.inputs if t.name == spec.past[0][0]), None) if spec.past else None
+    if kv is None or kv.shape[1] != model.num_key_value_heads or kv.shape[3] != model.head_dim:
+        raise ManifestError(f"{bundle.root}: the tail's KV inputs do not have {model.num_key_value_heads} heads of "
+                            f"{model.head_dim} as the manifest's model says; re-run the export")
 
 
-def create_app(settings: ServerSettings, bundle: Bundle | None = None, preloaded: Service | None = None) -> FastAPI:
+def create_app(settings: ServerSettings, bundle: Bundle | None = None, preloaded: Service | None = None,
+               stop: Callable[[], None] | None = None) -> FastAPI:
     """``bundle``: an already verified server bundle; ``preloaded``: an already loaded service (the entry point loads
-    it before uvicorn starts, so that a bundle or GPU problem ends the process with one clear line)."""
+    it before uvicorn starts, so that a bundle or GPU problem ends the process with one clear line).
+
+    ``stop``: how to end the server (the entry point's); given, SIGTERM starts the drain: /readyz answers 503 for
+    ``drain_s`` while sessions keep working, then ``stop`` ends the server gracefully.
+    """
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loaded = preloaded or load_service(settings, bundle)
         app.state.service = loaded
-        tasks = [asyncio.create_task(sweep(loaded)), asyncio.create_task(loaded.scheduler.run())]
+        loaded.engine.start()
+        if stop is not None:
+            install_drain(loaded, settings.drain_s, stop)
         try:
             yield
         finally:
-            loaded.draining = True
-            for task in tasks:
-                task.cancel()
+            loaded.engine.draining = True
+            await loaded.engine.stop()
 
     app = FastAPI(
         title="split-inference tail service",
-        version="1",
+        version="2",
         summary="Runs layers [K, N) of a split Llama model on hidden states; text never reaches this server.",
         lifespan=lifespan,
     )
     app.include_router(router)
     install_error_handlers(app)
+    app.add_middleware(Guard, settings=settings)
 
     @app.get("/healthz", tags=["operations"])
-    def healthz() -> dict:
-        return {"status": "ok"}
+    async def healthz(request: Request) -> JSONResponse:
+        service = getattr(request.app.state, "service", None)
+        failed = service.engine.failed if service is not None else None
+        if failed is not None:
+            return JSONResponse({"status": "failed", "detail": failed}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/readyz", tags=["operations"])
-    def readyz(service: ServiceDep) -> JSONResponse:
+    async def readyz(service: ServiceDep) -> JSONResponse:
+        engine = service.engine
+        status = "failed" if engine.failed else "draining" if engine.draining else "ready"
         body = {
-            "status": "draining" if service.draining else "ready",
+            "status": status,
             "provider": service.tail.providers[0],
-            "io_binding": isinstance(service.tail, DeviceTailRunner),
+            "io_binding": True,
             "model": service.bundle.manifest.model.id,
             "layers": list(service.bundle.manifest.tail.layers),
             "manifest_sha256": service.bundle.manifest_sha256,
             "output_mode": service.bundle.manifest.output_mode,
-            "sessions": len(service.store.sessions),
+            "sessions": engine.sessions,
+            "slots": engine.pool.slots,
+            "slot_length": engine.pool.max_length,
+            "kv_bytes_per_slot": engine.pool.bytes_per_slot,
         }
-        return JSONResponse(body, status_code=503 if service.draining else 200)
+        return JSONResponse(body, status_code=200 if status == "ready" else 503)
 
     @app.get("/metrics", tags=["operations"], response_class=Response)
-    def metrics(service: ServiceDep) -> Response:
-        m = service.metrics
-        m.sessions.set(len(service.store.sessions))
-        m.kv_reserved.set(service.store.reserved_bytes)
-        m.kv_used.set(service.store.used_bytes)
+    async def metrics(service: ServiceDep) -> Response:
+        m, engine = service.metrics, service.engine
+        m.sessions.set(engine.sessions)
+        m.slots.set(engine.pool.slots)
+        m.kv_reserved.set(engine.sessions * engine.pool.bytes_per_slot)
+        m.kv_used.set(engine.table.used_positions * service.bundle.manifest.kv_bytes_per_token(
+            service.bundle.manifest.tail))
         return Response(m.render(), media_type="text/plain; version=0.0.4")
 
     return app
 
 
-async def sweep(service: Service) -> None:
-    while True:
-        await asyncio.sleep(SWEEP_INTERVAL_S)
-        service.store.sweep()
+def install_drain(service: Service, drain_s: float, stop: Callable[[], None]) -> None:
+    """SIGTERM (or SIGINT): report 503 on /readyz for ``drain_s`` while live sessions keep working, then ``stop``.
+    A second signal stops at once."""
+    loop = asyncio.get_running_loop()
+
+    def drained() -> None:
+        log.info("drained; shutting down")
+        stop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if service.engine.draining or drain_s == 0:
+            stop()
+            return
+        service.engine.draining = True
+        log.info("%s: draining, /readyz reports 503 for %.0f s, then shutting down", sig.name, drain_s)
+        loop.call_later(drain_s, drained)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -137,21 +192,15 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(errors.SplitError)
     async def split_error(request: Request, exc: errors.SplitError) -> JSONResponse:
         status = next((code for kind, code in STATUS.items() if isinstance(exc, kind)), 400)
-        headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, errors.CapacityExceeded) else None
-        if isinstance(exc, errors.Unauthorized):
-            headers = {"WWW-Authenticate": "Bearer"}
+        retry_after = getattr(exc, "retry_after_s", None)
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
         return respond(request, status, type(exc).__name__, str(exc), headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        return respond(request, 422, "InvalidRequest", problems)
+        return respond(request, 422, "InvalidRequest", problems[:2000])
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return respond(request, exc.status_code, "HTTPError", str(exc.detail))
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return respond(request, 500, "InternalError", "internal error; the server log has the details")

@@ -9,8 +9,10 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.sessions = Gauge("split_active_sessions", "Open sessions", registry=self.registry)
-        self.kv_reserved = Gauge("split_kv_reserved_bytes", "KV bytes reserved by open sessions",
+        self.kv_reserved = Gauge("split_kv_reserved_bytes", "KV bytes held by the slots of open sessions",
                                  registry=self.registry)
+        self.slots = Gauge("split_kv_slots", "KV slots reserved at start-up (sessions open at once)",
+                           registry=self.registry)
         self.kv_used = Gauge("split_kv_used_bytes", "KV bytes held by open sessions", registry=self.registry)
         self.positions = Counter("split_positions_processed", "Positions run through the tail",
                                  registry=self.registry)

@@ -1,163 +1,140 @@
-"""One loop runs everything the tail does for every session: decode batches first, prompts in chunks between them.
+"""The scheduler decides what the tail runs next; it runs nothing itself (vLLM's scheduler, in small).
 
-Two onnxruntime runs at once only fight over the cores, so the loop runs one at a time, off the event loop. Each
-turn it runs the pending decode steps as one batch (services/batching.py), then at most one chunk of a pending
-prompt: a session's next token waits for at most one chunk, however long the prompts of newcomers are. While no
-other session is decoding a prompt runs in one piece, so a lone client's time to first token is not cut up.
+Each scheduler step is one call of the runner: every pending single-position step (decode rows of different
+sessions) as one batch first, then chunks of longer steps (prompts, chat turns, speculative drafts) up to the token
+budget, several sessions' chunks in the same step when the budget allows. While no other session is decoding a
+prompt runs in one piece, so a lone client's time to first token is not cut up.
 
-The answers of a batch reach their clients together and the next steps trickle back in over several milliseconds:
-the loop waits for a step of every session that decoded in the last second, while they keep coming (at most
-``ARRIVAL_GAP_S`` apart) and for at most ``gather_s``, so that a batch does not split into halves that each wait for
-the other (and so the padded batch can be reused). A lone session never waits: it is the only one decoding.
+The answers of a batch reach their clients together and their next steps trickle back over a few milliseconds:
+``expected`` says how many of the previous batch's sessions have not sent theirs yet, and the engine waits a little
+for them, so that a batch does not split into halves that each wait for the other.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
-from starlette.concurrency import run_in_threadpool
 
-from services.batching import DecodeBatches
-from splitcore.graphs import TailRunner
-from splitcore.kvcache import KVCache
+from services.sessions import Session
+from splitcore.sampling import Choice
 
-log = logging.getLogger(__name__)
-
-# A prompt is cut into chunks while another open session decoded this recently.
+# Prompts are cut into chunks while another open session decoded this recently.
 DECODING_RECENTLY_S = 1.0
-# Gathering a batch stops when no step arrived for this long (the sessions missing from it may have ended).
-ARRIVAL_GAP_S = 0.015
+
+
+@dataclass(eq=False)
+class Work:
+    """One accepted step of one session: what to run, what to keep of the output, and where its answer goes."""
+
+    session: Session
+    hidden: np.ndarray  # [1, seq, hidden], in the tail's dtype
+    keep: int  # positions whose output the step answers with (the last ``keep``)
+    samples: int  # of those, how many to sample (0: none, the client samples or asked for logits)
+    start: int  # the session's length before the step
+    done: asyncio.Future
+    offset: int = 0  # positions already run
+    output: np.ndarray | None = None  # [keep, vocab or hidden] once the last chunk ran
+    choices: list[Choice] = field(default_factory=list)
+    error: BaseException | None = None
+
+    @property
+    def seq(self) -> int:
+        return self.hidden.shape[1]
+
+    @property
+    def finished(self) -> bool:
+        return self.error is not None or self.offset == self.seq
 
 
 @dataclass
-class _Work:
-    cache: KVCache
-    hidden: np.ndarray  # [1, seq, hidden]
-    done: asyncio.Future
-    offset: int = 0  # positions of a prompt already run
+class Chunk:
+    work: Work
+    size: int
+
+    @property
+    def last(self) -> bool:
+        return self.work.offset + self.size == self.work.seq
 
 
-class TailScheduler:
-    def __init__(
-        self,
-        tail: TailRunner,
-        max_batch: int,
-        prefill_chunk: int,
-        gather_s: float,
-        on_batch: Callable[[int], None] = lambda size: None,
-    ) -> None:
-        self.batches = DecodeBatches(tail)
+@dataclass
+class Plan:
+    decode: list[Work] = field(default_factory=list)
+    chunks: list[Chunk] = field(default_factory=list)
+
+    @property
+    def works(self) -> list[Work]:
+        return self.decode + [c.work for c in self.chunks]
+
+    def __bool__(self) -> bool:
+        return bool(self.decode or self.chunks)
+
+
+class Scheduler:
+    def __init__(self, max_batch: int, token_budget: int, clock: Callable[[], float]) -> None:
         self.max_batch = max_batch
-        self.prefill_chunk = prefill_chunk
-        self.gather_s = gather_s
-        self.on_batch = on_batch
-        self.decode: deque[_Work] = deque()
-        self.prefill: deque[_Work] = deque()
-        self.arrived = asyncio.Event()
-        self.closed: list[KVCache] = []  # caches of sessions that ended since the last turn
-        self.decoded_at: dict[int, float] = {}  # id of a session's cache -> when it was last in a decode batch
+        self.token_budget = token_budget
+        self.clock = clock
+        self.decode: deque[Work] = deque()
+        self.prefill: deque[Work] = deque()
+        self.previous_batch: list[Session] = []
+        self.decoded_at: dict[Session, float] = {}
 
-    async def step(self, cache: KVCache, hidden: np.ndarray) -> np.ndarray:
-        """The tail's output at the last of ``hidden``'s positions; the cache grows by all of them."""
-        work = _Work(cache, hidden, asyncio.get_running_loop().create_future())
-        (self.decode if hidden.shape[1] == 1 else self.prefill).append(work)
-        self.arrived.set()
-        return await work.done
+    def add(self, work: Work) -> None:
+        (self.decode if work.seq == 1 else self.prefill).append(work)
 
-    def forget(self, cache: KVCache) -> None:
-        """A session closed: batches stop waiting for it, prompts stop being cut for it, its batch rows are freed."""
-        self.decoded_at.pop(id(cache), None)
-        self.closed.append(cache)
-        self.arrived.set()
+    def pending(self) -> bool:
+        return bool(self.decode or self.prefill)
 
-    async def run(self) -> None:
-        """The loop; one per service, started in the lifespan."""
-        while True:
-            # Between runs, so the padded batch is not in use by a worker thread.
-            for cache in self.closed:
-                self.batches.drop(cache)
-            self.closed.clear()
-            if not self.decode and not self.prefill:
-                self.arrived.clear()
-                await self.arrived.wait()
-                continue
-            try:
-                if self.decode:
-                    await self._gather()
-                    await self._run_decode()
-                if self.prefill:
-                    await self._run_prefill_chunk(self.prefill[0])
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a bug here must not leave every later step waiting forever
-                log.exception("tail loop turn failed")
+    def remove(self, session: Session) -> Work | None:
+        """Take a closed session's queued step out (it has not run, or ran only some chunks); forget the session."""
+        self.decoded_at.pop(session, None)
+        for queue in (self.decode, self.prefill):
+            for work in queue:
+                if work.session is session:
+                    queue.remove(work)
+                    return work
+        return None
 
-    async def _gather(self) -> None:
-        now = time.monotonic()
-        self.decoded_at = {k: t for k, t in self.decoded_at.items() if now - t < DECODING_RECENTLY_S}
-        expected = min(max(len(self.decoded_at), 1), self.max_batch)
-        deadline = now + self.gather_s
-        while len(self.decode) < expected and (left := deadline - time.monotonic()) > 0:
-            self.arrived.clear()
-            try:
-                await asyncio.wait_for(self.arrived.wait(), min(left, ARRIVAL_GAP_S))
-            except TimeoutError:
+    def expected(self) -> int:
+        """Sessions of the previous decode batch, still open, whose next step has not arrived yet."""
+        return sum(1 for s in self.previous_batch if s.open and not s.busy)
+
+    def plan(self) -> Plan:
+        plan = Plan()
+        while self.decode and len(plan.decode) < self.max_batch:
+            plan.decode.append(self.decode.popleft())
+        now = self.clock()
+        if plan.decode:
+            self.previous_batch = [w.session for w in plan.decode]
+            self.decoded_at.update((w.session, now) for w in plan.decode)
+        self.decoded_at = {s: t for s, t in self.decoded_at.items() if now - t < DECODING_RECENTLY_S and s.open}
+        prefilling = {w.session for w in self.prefill}
+        others_decode = any(s not in prefilling for s in self.decoded_at)
+        budget = max(self.token_budget - len(plan.decode), 1) if others_decode else None
+        for work in self.prefill:
+            if budget is not None and budget <= 0:
                 break
+            size = chunk_size(work, budget)
+            plan.chunks.append(Chunk(work, size))
+            if budget is not None:
+                budget -= size
+        return plan
 
-    async def _run_decode(self) -> None:
-        steps = []
-        while self.decode and len(steps) < self.max_batch:
-            work = self.decode.popleft()
-            if not work.done.cancelled():  # its client went away before it ran: the cache stays as it was
-                steps.append(work)
-        if not steps:
-            return
-        try:
-            outputs = await run_in_threadpool(self.batches.run, [s.cache for s in steps], [s.hidden for s in steps])
-        except Exception as e:  # a failed run fails its steps, never the loop
-            log.exception("decode batch of %d failed", len(steps))
-            for s in steps:
-                _fail(s, e)
-            return
-        now = time.monotonic()
-        self.decoded_at.update((id(s.cache), now) for s in steps)
-        self.on_batch(len(steps))
-        for s, output in zip(steps, outputs):
-            _finish(s, output)
-
-    async def _run_prefill_chunk(self, work: _Work) -> None:
-        if work.offset == 0 and work.done.cancelled():
-            self.prefill.popleft()
-            return
-        remaining = work.hidden.shape[1] - work.offset
-        now = time.monotonic()
-        decoding = any(now - t < DECODING_RECENTLY_S for k, t in self.decoded_at.items() if k != id(work.cache))
-        size = min(remaining, self.prefill_chunk) if decoding else remaining
-        chunk = work.hidden[:, work.offset : work.offset + size]
-        try:
-            output = await run_in_threadpool(self.batches.run_one, work.cache, chunk)
-        except Exception as e:
-            log.exception("prompt chunk failed")
-            self.prefill.popleft()
-            _fail(work, e)
-            return
-        work.offset += size
-        if work.offset == work.hidden.shape[1]:
-            self.prefill.popleft()
-            _finish(work, output)
+    def finish(self, plan: Plan) -> None:
+        """After the run: steps whose last chunk ran (or that failed) leave the prefill queue."""
+        for chunk in plan.chunks:
+            if chunk.work.finished and chunk.work in self.prefill:
+                self.prefill.remove(chunk.work)
 
 
-def _finish(work: _Work, output: np.ndarray) -> None:
-    if not work.done.done():
-        work.done.set_result(output)
-
-
-def _fail(work: _Work, error: Exception) -> None:
-    if not work.done.done():
-        work.done.set_exception(error)
+def chunk_size(work: Work, budget: int | None) -> int:
+    """Positions of ``work`` to run now: what is left, or the budget; the kept positions always run together."""
+    remaining = work.seq - work.offset
+    size = remaining if budget is None else min(remaining, budget)
+    if size < remaining and remaining - size < work.keep:
+        size = remaining - work.keep if remaining > work.keep else remaining
+    return size

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -22,24 +21,49 @@ class ServerSettings(BaseSettings):
         default_factory=list,
         description="onnxruntime providers, all required, e.g. [\"CUDAExecutionProvider\"]; empty: best available",
     )
-    io_binding: Literal["auto", "on", "off"] = Field(
-        "auto", description="keep KV caches on the device between steps; auto: on when the tail runs on CUDA",
-    )
     intra_op_threads: int = Field(0, ge=0, description="0 lets onnxruntime choose")
-    max_sessions: int = Field(64, ge=1)
-    max_kv_bytes: int = Field(4 * 2**30, ge=1, description="KV cache bytes reserved by all sessions together")
-    default_max_length: int = Field(2048, ge=1, description="positions reserved when a client does not say")
+
+    # KV memory: ``max_sessions`` slots of ``slot_length`` positions, reserved at start-up (see splitcore/kvpool.py).
+    max_sessions: int = Field(64, ge=1, description="KV slots, i.e. sessions open at once")
+    slot_length: int = Field(
+        2048, ge=1, description="positions one slot holds: the longest session (clipped to the model's positions)",
+    )
+    max_kv_bytes: int = Field(
+        4 * 2**30, ge=1, description="KV bytes all slots may take together: fewer slots than max_sessions when "
+        "max_sessions x the manifest's bytes per slot would exceed it",
+    )
+    default_max_length: int | None = Field(
+        None, ge=1, description="positions a session may hold when its client does not say (None: slot_length)",
+    )
     session_ttl_s: float = Field(600.0, gt=0, description="idle sessions are closed after this long")
     evict_idle_s: float = Field(60.0, ge=0, description="when full, sessions idle this long make room for new ones")
-    max_batch: int = Field(32, ge=1, description="most decode steps of different sessions in one run (1: no batching)")
+
+    # Scheduling (services/scheduler.py).
+    max_batch: int = Field(64, ge=1, description="most decode steps of different sessions in one run (1: no batching)")
     prefill_chunk: int = Field(
-        16, ge=1, description="while sessions are decoding, prompts run in chunks of this many positions between "
-        "their batches, so a decode step waits for at most one chunk",
+        32, ge=1, description="while other sessions decode, prompt positions per scheduler step (the token budget "
+        "beyond the decode rows), so a decode step waits for at most this many prompt positions",
     )
     batch_gather_ms: float = Field(
-        30.0, ge=0, description="a decode batch waits up to this long for as many steps as the previous batch had",
+        20.0, ge=0, description="a decode batch waits up to this long for the sessions of the previous batch",
     )
-    max_body_bytes: int = Field(64 * 2**20, ge=1024)
+    sampling_history: int = Field(
+        1024, ge=0, description="generated tokens of a session the repetition penalty looks at (the latest ones)",
+    )
+
+    # Limits on what clients send (each is a 4xx, never a 500).
+    max_body_bytes: int = Field(64 * 2**20, ge=1024, description="body of a step (a hidden-state frame)")
+    max_open_bytes: int = Field(1 * 2**20, ge=1024, description="body of POST /v1/sessions (JSON)")
+    max_generated: int = Field(32768, ge=0, description="most ids in an open request's `generated` list")
+    # Connections: idle and slow clients are dropped so they cannot hold file descriptors forever.
+    keep_alive_s: int = Field(5, ge=1, description="an idle keep-alive connection is closed after this long")
+    head_timeout_s: float = Field(10.0, gt=0, description="a request's headers must arrive within this long")
+    body_timeout_s: float = Field(30.0, gt=0, description="a request's body must arrive within this long")
+    max_header_bytes: int = Field(16 * 1024, ge=1024, description="request line + headers (h11 limit)")
+    max_connections: int = Field(
+        1024, ge=1, description="connections + requests in flight; beyond it new requests get 503 (uvicorn)",
+    )
+
     token: SecretStr | None = Field(None, description="bearer token; when set, every /v1 request needs it")
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -51,8 +75,12 @@ class ServerSettings(BaseSettings):
 
     @field_validator("token")
     @classmethod
-    def _not_placeholder(cls, token: SecretStr | None) -> SecretStr | None:
-        if token is not None and PLACEHOLDER_MARK in token.get_secret_value():
+    def _real_token(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is None:
+            return None
+        if not token.get_secret_value().strip():
+            raise ValueError("the token is set but empty; unset SPLIT_SERVER_TOKEN to run without auth, or set one")
+        if PLACEHOLDER_MARK in token.get_secret_value():
             raise ValueError(
                 "the token is still the placeholder from k8s/10-secret.yaml; set a real one, e.g. "
                 "kubectl -n split-inference create secret generic split-tail-auth --from-literal=token=$(openssl rand "

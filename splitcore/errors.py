@@ -47,3 +47,19 @@ class PayloadTooLarge(SplitError):
 
 class Unauthorized(SplitError):
     """A bearer token is required and was missing or wrong."""
+
+
+class InvalidRequest(SplitError):
+    """A request is well-formed but asks for something this service cannot do (a value out of range)."""
+
+
+class ServiceUnavailable(SplitError):
+    """The service cannot serve right now (its engine stopped or failed); a client should retry elsewhere or later."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RequestTimeout(SplitError):
+    """A client took too long to send its request."""

@@ -11,6 +11,12 @@ MANIFEST_HEADER = "X-Manifest-Sha256"
 PAST_LENGTH_HEADER = "X-Past-Length"
 SAMPLE_HEADER = "X-Sample"
 RETURN_HEADER = "X-Return"
+# Speculative decoding. X-Keep-Length: L rolls the session back to its first L positions before the step is applied
+# (allowed from the length before the session's latest step up to its current length; anything else is 409, so a
+# stale or replayed step is still refused); X-Past-Length must then equal L. X-Sample-Count: n samples each of the
+# step's last n positions (repetition penalty applied in order), answered in ``tokens`` / ``logprobs``.
+KEEP_LENGTH_HEADER = "X-Keep-Length"
+SAMPLE_COUNT_HEADER = "X-Sample-Count"
 # A random key per conversation, sent on every request including the open: a load balancer that hashes on it
 # (k8s/optional/ingress-nginx.yaml) sends a conversation's steps to the replica that holds its KV cache. The
 # session id cannot serve: it does not exist yet when the session is opened.
@@ -21,24 +27,32 @@ def steps_path(session_id: str) -> str:
     return f"{SESSIONS_PATH}/{session_id}/steps"
 
 
+# Bounds that keep every number a client may send inside what the service computes with (int64, finite floats).
+MAX_INT = 2**63 - 1
+MAX_GENERATED = 2**20
+
+
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # JSON Infinity / NaN (which Python's json module accepts) are refused like any other invalid number.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Sampling(_Body):
-    temperature: float = Field(0.0, ge=0, description="0 is greedy")
+    temperature: float = Field(0.0, ge=0, le=1e6, description="0 is greedy")
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0, description="0 keeps every token")
-    repetition_penalty: float = Field(1.0, gt=0, description="applies to tokens this session generated")
-    seed: int | None = None
+    top_k: int = Field(0, ge=0, le=MAX_INT, description="0 keeps every token")
+    repetition_penalty: float = Field(1.0, gt=0, le=1e6, description="applies to tokens this session generated")
+    seed: int | None = Field(None, ge=0, le=MAX_INT)
 
 
 class OpenSession(_Body):
-    manifest_sha256: str = Field(description="sha256 of the manifest.json the client's head was exported with")
-    max_length: int | None = Field(None, ge=1, description="most positions this session will hold (reserved)")
+    manifest_sha256: str = Field(max_length=128,
+                                 description="sha256 of the manifest.json the client's head was exported with")
+    max_length: int | None = Field(None, ge=1, le=MAX_INT, description="most positions this session will hold")
     sampling: Sampling = Sampling()
     top_logprobs: int = Field(0, ge=0, le=20)
-    generated: list[int] = Field(default_factory=list, description="tokens generated before a replay")
+    generated: list[int] = Field(default_factory=list, max_length=MAX_GENERATED,
+                                 description="tokens generated before a replay (ids of the vocabulary)")
 
 
 class SessionOpened(_Body):
@@ -51,8 +65,12 @@ class SessionOpened(_Body):
 class StepResult(_Body):
     token: int | None = Field(description="the sampled next token; null when the step asked for no sample")
     logprob: float | None = None
-    top_logprobs: list[tuple[int, float]] = Field(default_factory=list)
+    top_logprobs: list[tuple[int, float]] = Field(
+        default_factory=list, description="the best tokens of the last position (fewer where top-k/top-p cut)")
     length: int = Field(description="positions this session holds after the step")
+    tokens: list[int] = Field(default_factory=list, description="one sample per position of X-Sample-Count, in order; "
+                              "the last is ``token``")
+    logprobs: list[float] = Field(default_factory=list, description="their log-probabilities")
 
 
 class ErrorBody(_Body):

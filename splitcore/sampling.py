@@ -1,4 +1,12 @@
-"""Next-token choice from logits: greedy, or seeded sampling with temperature, top-k, top-p, repetition penalty."""
+"""Next-token choice from logits: greedy, or seeded sampling with temperature, top-k, top-p, repetition penalty.
+
+``choose_batch`` picks for many rows at once (the tail service samples a whole decode batch in one call, each row
+with its own parameters, RNG and history); ``Sampler.choose`` is the same code for one row, so a client that samples
+on its own machine (private-output mode) and the service pick identical tokens for the same logits and seed.
+
+Numerics: scores are shifted by their maximum before dividing by the temperature, so any temperature > 0 (even
+1e-308) is finite; log-probabilities of tokens a truncation removed are never reported (they would be -inf).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+# top-p looks at this many best candidates first and sorts the whole vocabulary only when they hold too little mass.
+TOP_P_CANDIDATES = 1024
 
 
 @dataclass(frozen=True)
@@ -19,14 +30,16 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (self.temperature >= 0 and np.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not (self.repetition_penalty > 0 and np.isfinite(self.repetition_penalty)):
+            raise ValueError(f"repetition_penalty must be finite and > 0, got {self.repetition_penalty}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
 
     @property
     def greedy(self) -> bool:
@@ -41,62 +54,108 @@ class Choice:
 
 
 class Sampler:
-    """Deterministic for a given seed and the same sequence of logits."""
+    """One sequence's parameters and RNG. Deterministic for a given seed and the same sequence of logits."""
 
     def __init__(self, params: SamplingParams) -> None:
         self.params = params
         self.rng = np.random.default_rng(params.seed)
 
     def choose(self, logits: np.ndarray, history: Sequence[int] = (), top_logprobs: int = 0) -> Choice:
-        scores = logits.astype(np.float64, copy=True)
-        p = self.params
-        if p.repetition_penalty != 1.0 and len(history):
-            seen = np.unique(np.asarray(history, dtype=np.int64))
-            seen = seen[(seen >= 0) & (seen < scores.shape[0])]
-            picked = scores[seen]
-            scores[seen] = np.where(picked < 0, picked * p.repetition_penalty, picked / p.repetition_penalty)
-        if p.greedy:
-            token = int(np.argmax(scores))
-        else:
-            scores = _truncate(scores / p.temperature, p.top_k, p.top_p)
-            weights = _exp_shifted(scores).astype(np.float64)
-            token = int(self.rng.choice(scores.shape[0], p=weights / weights.sum()))
-        # One pass over the vocabulary for the normaliser; log-probabilities only of the tokens reported.
-        norm = _logsumexp(scores)
-        top: list[tuple[int, float]] = []
-        if top_logprobs:
-            best = np.argpartition(-scores, top_logprobs - 1)[:top_logprobs]
-            best = best[np.argsort(-scores[best], kind="stable")]
-            top = [(int(i), float(scores[i] - norm)) for i in best]
-        return Choice(token, float(scores[token] - norm), top)
+        """``logits`` [vocab]; ``history``: tokens the repetition penalty demotes."""
+        return choose_batch(np.asarray(logits)[None, :], [self], [history], [top_logprobs])[0]
+
+
+def choose_batch(logits: np.ndarray, samplers: Sequence[Sampler], histories: Sequence[Sequence[int] | np.ndarray],
+                 top_logprobs: Sequence[int]) -> list[Choice]:
+    """One choice per row of ``logits`` [rows, vocab], row i with ``samplers[i]``, ``histories[i]``, ...
+
+    Vectorised over rows where the work is per element (penalty-free scaling, normalisers, greedy argmax); the
+    per-row parts (truncation, the draw from each row's own RNG) touch one row each.
+    """
+    rows, vocab = logits.shape
+    scores = logits.astype(np.float64)  # a copy: the caller's logits stay as they were
+    for row, (sampler, history) in enumerate(zip(samplers, histories)):
+        penalty = sampler.params.repetition_penalty
+        if penalty != 1.0 and len(history):
+            _penalize(scores[row], history, penalty)
+    peak = scores.max(axis=1, keepdims=True)
+    temperature = np.array([s.params.temperature for s in samplers], dtype=np.float64)[:, None]
+    sampled = temperature[:, 0] > 0
+    # Shift first, then scale: (x - max) / t is <= 0 and finite for any t > 0 (x / t alone overflows for t ~ 1e-308).
+    scores -= peak
+    with np.errstate(over="ignore"):
+        np.divide(scores, temperature, out=scores, where=sampled[:, None])
+    for row in np.flatnonzero(sampled):
+        p = samplers[row].params
+        scores[row] = _truncate(scores[row], p.top_k, p.top_p)
+    with np.errstate(over="ignore"):  # -1e308 and below become -inf in float32: weight 0, as they should
+        weights = np.exp(scores.astype(np.float32))  # the row maximum is 0: weights in [0, 1], at least one 1
+    norm = np.log(weights.sum(axis=1, dtype=np.float64))
+    tokens = scores.argmax(axis=1)
+    for row in np.flatnonzero(sampled):
+        cdf = np.cumsum(weights[row], dtype=np.float64)
+        tokens[row] = min(int(np.searchsorted(cdf, samplers[row].rng.random() * cdf[-1], side="right")), vocab - 1)
+    choices = []
+    for row in range(rows):
+        token = int(tokens[row])
+        choices.append(Choice(token, float(scores[row, token] - norm[row]),
+                              _top(scores[row], norm[row], top_logprobs[row])))
+    return choices
+
+
+def _penalize(scores: np.ndarray, history: Sequence[int] | np.ndarray, penalty: float) -> None:
+    try:
+        seen = np.unique(np.asarray(history, dtype=np.int64))
+    except OverflowError:  # ids beyond int64 cannot be tokens of any vocabulary
+        seen = np.unique(np.asarray([t for t in history if 0 <= t < scores.shape[0]], dtype=np.int64))
+    seen = seen[(seen >= 0) & (seen < scores.shape[0])]
+    picked = scores[seen]
+    scores[seen] = np.where(picked < 0, picked * penalty, picked / penalty)
+
+
+def _top(scores: np.ndarray, norm: float, n: int) -> list[tuple[int, float]]:
+    """The ``n`` best tokens and their log-probabilities, leaving out tokens a truncation removed (-inf)."""
+    if not n:
+        return []
+    n = min(n, scores.shape[0])
+    best = np.argpartition(-scores, n - 1)[:n]
+    best = best[np.argsort(-scores[best], kind="stable")]
+    return [(int(i), float(scores[i] - norm)) for i in best if np.isfinite(scores[i])]
 
 
 def _truncate(scores: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
-    if top_k and top_k < scores.shape[0]:
+    """Scores with the tokens outside top-k / top-p set to -inf (a new array where anything changes)."""
+    vocab = scores.shape[0]
+    if top_k and top_k < vocab:
         kth = np.partition(scores, -top_k)[-top_k]
         scores = np.where(scores < kth, -np.inf, scores)
     if top_p < 1.0:
-        order = np.argsort(-scores)
-        probs = np.exp(_log_softmax(scores[order]))
+        total = _logsumexp(scores)
+        order = _best_first(scores, top_p, total)
+        probs = np.exp(scores[order] - total)
         cumulative = np.cumsum(probs)
         # Keep the smallest prefix whose mass reaches top_p (always at least the best token).
         cut = int(np.searchsorted(cumulative, top_p)) + 1
         scores = scores.copy()
-        scores[order[cut:]] = -np.inf
+        keep = np.zeros(vocab, dtype=bool)
+        keep[order[:cut]] = True
+        scores[~keep] = -np.inf
     return scores
 
 
-def _log_softmax(scores: np.ndarray) -> np.ndarray:
-    return scores - _logsumexp(scores)
+def _best_first(scores: np.ndarray, top_p: float, total: float) -> np.ndarray:
+    """Indices of the best tokens, best first, enough of them to hold ``top_p`` of the mass (all when needed)."""
+    vocab = scores.shape[0]
+    if vocab > TOP_P_CANDIDATES:
+        candidates = np.argpartition(-scores, TOP_P_CANDIDATES - 1)[:TOP_P_CANDIDATES]
+        mass = np.exp(_logsumexp(scores[candidates]) - total)
+        if mass >= top_p:
+            return candidates[np.argsort(-scores[candidates], kind="stable")]
+    return np.argsort(-scores, kind="stable")
 
 
 def _logsumexp(scores: np.ndarray) -> float:
     peak = np.max(scores)
     if not np.isfinite(peak):
         return float(peak)
-    return float(peak + np.log(np.sum(_exp_shifted(scores, peak), dtype=np.float64)))
-
-
-def _exp_shifted(scores: np.ndarray, peak: float | None = None) -> np.ndarray:
-    """exp(scores - max) in float32: several times faster than float64 over a vocabulary, and exact enough."""
-    return np.exp((scores - (np.max(scores) if peak is None else peak)).astype(np.float32))
+    return float(peak + np.log(np.sum(np.exp(scores - peak), dtype=np.float64)))

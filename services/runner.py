@@ -1,0 +1,77 @@
+"""The model runner executes one scheduler step on the worker thread: the tail runs, then the sampler, same call.
+
+Decode rows of different sessions are one ``decode_rows`` run over their slots (nothing is copied: each row's KV is
+read and written in its slot, see splitcore/kvpool.py); each prompt chunk is one ``forward`` on its slot. Then every
+row that needs a token is sampled in one vectorised call per position, each session with its own RNG and bounded
+history (for a step that samples n positions, position j's penalty includes the step's earlier samples).
+
+Only this thread touches the KV pool and the sessions' samplers while a step runs; the engine waits for it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from services.scheduler import Plan, Work
+from splitcore.graphs import TailRunner
+from splitcore.kvpool import KVPool
+from splitcore.sampling import choose_batch
+
+log = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, tail: TailRunner, pool: KVPool) -> None:
+        self.tail = tail
+        self.pool = pool
+
+    def execute(self, plan: Plan) -> None:
+        """Run ``plan``; each work ends with ``output`` (and ``choices``) or ``error``, never an exception here."""
+        if plan.decode:
+            self._decode(plan.decode)
+        for chunk in plan.chunks:
+            work, last = chunk.work, chunk.last
+            piece = work.hidden[:, work.offset : work.offset + chunk.size]
+            try:
+                out = self.tail.forward(piece, self.pool, work.session.slot, work.keep if last else 1)
+            except Exception as e:  # noqa: BLE001 - whatever onnxruntime raises belongs to this step alone
+                log.exception("a chunk of %d positions failed", chunk.size)
+                work.error = e
+                continue
+            work.offset += chunk.size
+            if last:
+                work.output = out[0]
+        self._sample([w for w in plan.works if w.output is not None and w.samples and not w.choices])
+
+    def _decode(self, works: list[Work]) -> None:
+        hidden = np.concatenate([w.hidden for w in works], axis=0)
+        try:
+            out = self.tail.decode_rows(hidden, self.pool, [w.session.slot for w in works])
+        except Exception as e:  # noqa: BLE001
+            log.exception("a decode batch of %d rows failed", len(works))
+            for w in works:
+                w.error = e
+            return
+        for row, w in enumerate(works):
+            w.offset, w.output = 1, out[row]
+
+    def _sample(self, works: list[Work]) -> None:
+        for j in range(max((w.samples for w in works), default=0)):
+            rows = [w for w in works if w.samples > j]
+            logits = np.stack([w.output[w.keep - w.samples + j] for w in rows]).astype(np.float32, copy=False)
+            last = [j == w.samples - 1 for w in rows]
+            try:
+                choices = choose_batch(logits, [w.session.sampler for w in rows],
+                                       [w.session.history.tokens() for w in rows],
+                                       [w.session.top_logprobs if is_last else 0 for w, is_last in zip(rows, last)])
+            except Exception as e:  # noqa: BLE001
+                log.exception("sampling %d rows failed", len(rows))
+                for w in rows:
+                    w.error = e
+                return
+            for w, choice in zip(rows, choices):
+                # The position the token was sampled from: a rollback to below it drops it from the history.
+                w.session.history.add(choice.token, w.start + w.seq - w.samples + j)
+                w.choices.append(choice)
