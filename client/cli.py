@@ -52,6 +52,8 @@ class UsageError(SplitError):
 def settings_from(args: argparse.Namespace, flags: dict[str, tuple]) -> ClientSettings:
     """ClientSettings from the environment, with the flags that were given on top; errors as one line."""
     overrides = {dest: getattr(args, dest) for dest, _, _ in flags.values() if getattr(args, dest) is not None}
+    if getattr(args, "speculate", None) is False:
+        overrides["speculate"] = False
     try:
         return ClientSettings(**overrides)
     except ValidationError as e:
@@ -71,6 +73,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--raw", action="store_true", help="send the prompt as plain text, without the chat template")
     p.add_argument("--stats", action="store_true", help="print timing and traffic to stderr")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logs on stderr")
+    p.add_argument("--no-speculate", dest="speculate", action="store_false", default=None,
+                   help="one token per round trip (default: drafts from the prompt verified several at a time)")
     for flag, (dest, kind, help_text) in SETTING_FLAGS.items():
         p.add_argument(flag, dest=dest, type=kind, default=None, help=help_text)
     return p.parse_args(argv)

@@ -21,6 +21,7 @@ import logging
 import random
 import re
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -82,13 +83,22 @@ class RemoteTail:
         self.sent: list[bytes] = []  # fp16 hidden-state frames of every position the server holds, in order
         self.length = 0
         self.generated: list[int] = []
+        self.sampled_at: list[int] = []  # the position each generated token was sampled at
+        self.keep: int | None = None  # a rollback the service applies with the next step (X-Keep-Length)
+        self.opening: Opening | None = None  # a session being opened in the background
         self.replays = 0
 
     @classmethod
     def open(cls, bundle: Bundle, settings: ClientSettings, params: SamplingParams,
              lm_head: LmHeadRunner | None = None, http: TailClient | None = None,
-             traffic: Traffic | None = None) -> RemoteTail:
+             traffic: Traffic | None = None, background: bool = False) -> RemoteTail:
+        """A link with its session open; ``background``: the session opens on a thread while the caller goes on
+        (the head computes the prompt meanwhile), and the first step waits for it, so opening costs no round trip
+        of its own in the time to first token. An error opening it surfaces at that step."""
         tail = cls(bundle, settings, params, lm_head, http=http, traffic=traffic)
+        if background:
+            tail.opening = Opening(tail)
+            return tail
         try:
             tail.with_retries(tail.open_session)
         except BaseException:
@@ -117,57 +127,99 @@ class RemoteTail:
         log.debug("opened session %s (%d positions)", self.session_id, self.max_length)
 
     def step(self, hidden_states: np.ndarray, past_length: int, sample: bool = True) -> Choice | None:
+        choices = self._run(hidden_states, past_length, 1 if sample else 0)
+        return choices[0] if choices else None
+
+    def verify(self, hidden_states: np.ndarray, past_length: int, count: int) -> list[Choice]:
+        if not 1 <= count <= hidden_states.shape[1]:
+            raise ValueError(f"cannot sample {count} of {hidden_states.shape[1]} positions")
+        return self._run(hidden_states, past_length, count)
+
+    def rollback(self, length: int) -> None:
+        """Keep the first ``length`` positions: the frames kept for a replay are cut here at once, the service's
+        cache with the next step (X-Keep-Length), so a rollback costs no round trip of its own."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"this conversation holds {self.length} positions, cannot keep {length}")
+        if length == self.length:
+            return
+        self.keep = length if self.keep is None else min(self.keep, length)
+        self.sent = cut_frames(self.sent, length)
+        self.length = length
+        while self.sampled_at and self.sampled_at[-1] >= length:
+            self.sampled_at.pop()
+            self.generated.pop()
+        if self.chooser is not None:
+            self.chooser.forget_from(length)
+
+    def _run(self, hidden_states: np.ndarray, past_length: int, count: int) -> list[Choice]:
+        if self.opening is not None:
+            opening, self.opening = self.opening, None
+            opening.wait()
         if past_length != self.length:
             raise ValueError(f"this conversation holds {self.length} positions, the step continues {past_length}")
         frame = wire.encode(hidden_states.astype(WIRE_DTYPE, copy=False))
         seq = hidden_states.shape[1]
-        reply = self.with_retries(lambda: self.send(frame, past_length, sample))
-        choice = self.read_step(reply, past_length + seq, sample)
+        reply = self.with_retries(lambda: self.send(frame, past_length, count))
+        choices = self.read_step(reply, past_length + seq, count)
+        self.keep = None
         self.sent.append(frame)
         self.length += seq
         self.traffic.steps += 1
-        if choice is not None:
+        first = past_length + seq - count
+        for i, choice in enumerate(choices):
             self.generated.append(choice.token)
-        return choice
+            self.sampled_at.append(first + i)
+        return choices
 
-    def read_step(self, reply: Reply, length: int, sample: bool) -> Choice | None:
-        """The step's answer, checked: a JSON step result, or in private-output mode a frame of the final hidden."""
-        if self.chooser is not None and sample:
+    def read_step(self, reply: Reply, length: int, count: int) -> list[Choice]:
+        """The step's answer, checked: a JSON step result, or in private-output mode a frame of the final hidden
+        states of the ``count`` sampled positions (chosen here, with the client's own LM head)."""
+        if self.chooser is not None and count:
             try:
                 hidden = wire.decode(reply.body)
             except WireError as e:
                 raise ServiceError(f"the tail service sent a malformed hidden-state frame: {e}") from None
-            expected = (1, 1, self.bundle.manifest.model.hidden_size)
-            if hidden.shape != expected or hidden.dtype.kind != "f":
+            expected = (1, count, self.bundle.manifest.model.hidden_size)
+            if hidden.shape != expected or hidden.dtype.kind != "f" or not np.isfinite(hidden).all():
                 raise ServiceError(f"the tail service sent a {hidden.dtype.name} frame of shape {list(hidden.shape)}; "
-                                   f"expected a float frame of shape {list(expected)}")
-            return self.chooser.choose(hidden.astype(np.float32)[0, -1])
+                                   f"expected a finite float frame of shape {list(expected)}")
+            first = length - count
+            return [self.chooser.choose(hidden.astype(np.float32)[0, i], first + i) for i in range(count)]
         result = parse(protocol.StepResult, reply, "step result")
         if result.length != length:
             raise ServiceError(f"the tail service says the session holds {result.length} positions after the step; "
                                f"expected {length}")
-        if not sample:
-            return None
+        if not count:
+            return []
         if result.token is None:
             raise ServiceError("the tail service sent no token (null) for a step that asked for one")
+        tokens, logprobs = (result.tokens, result.logprobs) if count > 1 else ([result.token], [result.logprob])
+        if len(tokens) != count or len(logprobs) != count or tokens[-1] != result.token:
+            raise ServiceError(f"the tail service sent {len(tokens)} tokens and {len(logprobs)} log-probabilities "
+                               f"for a step that sampled {count} positions")
         vocab = self.bundle.manifest.model.vocab_size
-        for token in (result.token, *(t for t, _ in result.top_logprobs)):
+        for token in (*tokens, *(t for t, _ in result.top_logprobs)):
             if not 0 <= token < vocab:
                 raise ServiceError(f"the tail service sent token id {printable(str(token), 40)}; this model's "
                                    f"vocabulary is 0..{vocab - 1}")
-        return Choice(result.token, result.logprob or 0.0, [tuple(t) for t in result.top_logprobs])
+        top = [tuple(t) for t in result.top_logprobs]
+        return [Choice(token, logprob or 0.0, top if i == count - 1 else [])
+                for i, (token, logprob) in enumerate(zip(tokens, logprobs))]
 
-    def send(self, frame: bytes, past_length: int, sample: bool) -> Reply:
+    def send(self, frame: bytes, past_length: int, count: int) -> Reply:
         if self.session_id is None:
             self.replay()
-        return self.request(
-            "POST", protocol.steps_path(self.session_id), frame,
-            {"Content-Type": wire.MEDIA_TYPE, protocol.PAST_LENGTH_HEADER: str(past_length),
-             protocol.SAMPLE_HEADER: "1" if sample else "0"},
-        )
+        headers = {"Content-Type": wire.MEDIA_TYPE, protocol.PAST_LENGTH_HEADER: str(past_length),
+                   protocol.SAMPLE_HEADER: "1" if count else "0"}
+        if count > 1:
+            headers[protocol.SAMPLE_COUNT_HEADER] = str(count)
+        if self.keep is not None:
+            headers[protocol.KEEP_LENGTH_HEADER] = str(self.keep)
+        return self.request("POST", protocol.steps_path(self.session_id), frame, headers)
 
     def replay(self) -> None:
         """A fresh session, fed every frame the lost one had (no sampling), so it holds the same KV cache."""
+        self.keep = None  # the new session holds exactly the frames kept: nothing to roll back
         self.open_session()
         self.replays += 1
         self.traffic.replays += 1
@@ -175,7 +227,7 @@ class RemoteTail:
             position = 0
             for frame in self.sent:
                 seq = wire.decode(frame).shape[1]
-                self.read_step(self.send(frame, position, sample=False), position + seq, sample=False)
+                self.read_step(self.send(frame, position, 0), position + seq, 0)
                 position += seq
         except Transient:
             self.abandon()  # half fed: useless to retry on
@@ -245,6 +297,12 @@ class RemoteTail:
 
     def close(self) -> None:
         """Delete the session on the server, off the caller's path (best effort); closing twice is harmless."""
+        if self.opening is not None:
+            opening, self.opening = self.opening, None
+            try:
+                opening.wait()
+            except Exception:  # it never opened: nothing to delete
+                pass
         self.abandon()
         if self.owns_http:
             self.http.close()
@@ -256,6 +314,43 @@ class RemoteTail:
 def traffic_report(counts: tuple[int, int, int, int]) -> str:
     sent, received, steps, replays = counts
     return f"; sent {sent} B, received {received} B over {steps} steps; {replays} replays"
+
+
+class Opening:
+    """``open_session`` (with its retries) on a thread of its own; ``wait`` returns once it is done or re-raises."""
+
+    def __init__(self, tail: RemoteTail) -> None:
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(tail,), name="split-open-session", daemon=True)
+        self.thread.start()
+
+    def _run(self, tail: RemoteTail) -> None:
+        try:
+            tail.with_retries(tail.open_session)
+        except BaseException as e:  # handed to the caller's thread in wait()
+            self.error = e
+
+    def wait(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def cut_frames(frames: list[bytes], length: int) -> list[bytes]:
+    """The frames of the first ``length`` positions; a frame cut in two is re-encoded from its own fp16 bytes, so a
+    replay still sends exactly what crossed before."""
+    kept, held = [], 0
+    for frame in frames:
+        tensor = wire.decode(frame)
+        seq = tensor.shape[1]
+        if held + seq <= length:
+            kept.append(frame)
+            held += seq
+            continue
+        if length > held:
+            kept.append(wire.encode(tensor[:, : length - held]))
+        break
+    return kept
 
 
 def parse(model: type[M], reply: Reply, what: str) -> M:

@@ -33,6 +33,11 @@ class ClientSettings(BaseSettings):
     max_length: int | None = Field(None, ge=1, description="positions to reserve on the server (None: its default)")
     prefill_chunk: int = Field(512, ge=1)
     intra_op_threads: int = Field(0, ge=0, description="0 lets onnxruntime choose")
+    speculate: bool = Field(
+        True, description="draft tokens by prompt lookup and let the tail verify several positions per round trip; "
+        "the output is the same (greedy: identical; sampled: the same distribution)",
+    )
+    max_draft: int = Field(8, ge=1, le=64, description="most drafted tokens verified in one step")
     noise_sigma: float = Field(
         0.0, ge=0, description="Gaussian noise added to the hidden states sent, as a multiple of each position's RMS"
     )

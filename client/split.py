@@ -13,6 +13,7 @@ from client.http import TailClient, Traffic
 from client.remote import RemoteTail
 from client.settings import ClientSettings
 from client.tokenizer import ChatTokenizer
+from splitcore.drafting import PromptLookup
 from splitcore.errors import SplitError
 from splitcore.generation import LocalTail, SplitGenerator, TailLink
 from splitcore.graphs import HeadRunner, LmHeadRunner, TailRunner
@@ -88,8 +89,10 @@ class Split:
             link: TailLink = LocalTail(self.local_tail, params, self.lm_head)
         else:
             settings = self.settings.model_copy(update={"max_length": max_length or self.context})
-            link = RemoteTail.open(self.bundle, settings, params, self.lm_head, self.http, self.traffic)
-        return SplitGenerator(self.head, link, self.settings.prefill_chunk, self.noise)
+            link = RemoteTail.open(self.bundle, settings, params, self.lm_head, self.http, self.traffic,
+                                   background=True)
+        drafter = PromptLookup(self.settings.max_draft) if self.settings.speculate else None
+        return SplitGenerator(self.head, link, self.settings.prefill_chunk, self.noise, drafter)
 
     def close_links(self) -> None:
         """Close the command line's links; a remote one deletes its session in the background."""

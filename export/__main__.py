@@ -21,9 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from export import bundle as bundles
+from export.cleanup import removed_on_failure
 from export.graph_builder import GRAPH_REVISION, GraphBuilder, graph_spec, save
 from export.matmul_weights import FLOAT_SCHEMES, QUANTIZED_SCHEMES, MatMulWeights
-from export.sources import load_model
+from export.sources import accepted_models, load_model
 from export.validate import validate, validate_full
 from splitcore import names
 from splitcore.errors import SplitError
@@ -37,9 +38,7 @@ WEIGHTS = FLOAT_SCHEMES + QUANTIZED_SCHEMES
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m export", description=__doc__.split("\n")[0].split(": ", 1)[1])
-    p.add_argument("--model", default="smollm2",
-                   help="smollm2 (built in, offline), a hub id, a local HF directory, a .gguf file, "
-                        "random:tiny or random:tinyllama (default: %(default)s)")
+    p.add_argument("--model", default="smollm2", help=f"{accepted_models()} (default: %(default)s)")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     p.add_argument("--split-layer", type=int, default=4, help="first layer of the tail, 1..N-1 (default: %(default)s)")
     p.add_argument("--weights", choices=WEIGHTS, default="fp32",
@@ -249,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     args = parse_args(argv)
     try:
-        run(args)
+        with removed_on_failure(args.out):
+            run(args)
     except SplitError as e:
         print(f"export: error: {e}", file=sys.stderr)
         return 2

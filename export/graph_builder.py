@@ -28,7 +28,7 @@ from splitcore.manifest import GraphSpec, TensorSpec
 log = logging.getLogger(__name__)
 
 # Bumped whenever the graphs this module writes change, so `make export` re-exports bundles made by older code.
-GRAPH_REVISION = 3
+GRAPH_REVISION = 4
 OPSET = 17
 MS_DOMAIN = "com.microsoft"
 TORCH_TO_ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
@@ -148,13 +148,14 @@ class GraphBuilder:
         past_key, past_value = names.past_names(i)
         present_key, present_value = names.present_names(i)
         window = a.windows[i]
-        # GQA's window counts the positions before the query; transformers' counts the query too.
+        # Both count the query itself: a window of W sees the W most recent positions (measured against
+        # transformers on a 16-token sequence with W = 8).
         context = self.node(
             "GroupQueryAttention",
             [qkv, "", "", past_key, past_value, names.SEQLENS_K, names.TOTAL_SEQUENCE_LENGTH, "cos_cache", "sin_cache"],
             [f"{prefix}.attn.context", present_key, present_value],
             domain=MS_DOMAIN, num_heads=a.num_heads, kv_num_heads=a.kv_heads, scale=a.scale, do_rotary=1,
-            rotary_interleaved=0, local_window_size=(window - 1) if window else -1,
+            rotary_interleaved=0, local_window_size=window if window else -1,
         )[0]
         attended = self.linear(context, attn.o_proj.weight, attn.o_proj.bias, f"{prefix}.attn.o_proj")
         normed, residual = self.skip_rms_norm(attended, residual, layer.post_attention_layernorm.weight,

@@ -148,14 +148,19 @@ class FakeTail:
             custom = self.step(request, length)
             if custom is not None:
                 return custom
+            if "x-keep-length" in request.headers:  # a speculative step rolled back (trusted here)
+                length = min(length, int(request.headers["x-keep-length"]))
             past = int(request.headers["x-past-length"])
             if past != length:
                 return Answer.json({"error": "PositionMismatch", "detail": f"past {past} != {length}"}, 409)
             length += wire.decode(request.body).shape[1]
             self.sessions[parts[2]] = length
             sample = request.headers.get("x-sample", "1") == "1"
-            return Answer.json({"token": token_for(length) if sample else None, "logprob": -0.5,
-                                "top_logprobs": [], "length": length})
+            count = int(request.headers.get("x-sample-count", "1"))
+            tokens = [token_for(length - count + 1 + i) for i in range(count)]
+            return Answer.json({"token": tokens[-1] if sample else None, "logprob": -0.5, "top_logprobs": [],
+                                "length": length, "tokens": tokens if sample else [],
+                                "logprobs": [-0.5] * count if sample else []})
         return Answer.json({"detail": "not found"}, 404)
 
     async def answer(self, writer: asyncio.StreamWriter, answer: Answer) -> None:

@@ -9,31 +9,12 @@ from collections import Counter
 import numpy as np
 import pytest
 from conftest import TINY, bundles
+from drafts import OracleDrafts
 
 from splitcore.drafting import PromptLookup
 from splitcore.generation import LocalTail, SplitGenerator
 from splitcore.graphs import HeadRunner, LmHeadRunner, TailRunner
 from splitcore.sampling import SamplingParams
-
-
-class OracleDrafts:
-    """Proposes the known continuation with every ``wrong_every``-th token replaced: hits and misses on demand."""
-
-    def __init__(self, prompt: list[int], continuation: list[int], wrong_every: int = 3, length: int = 4) -> None:
-        self.prompt, self.continuation, self.wrong_every, self.length = len(prompt), continuation, wrong_every, length
-        self.proposed = self.accepted = 0
-
-    def propose(self, history: list[int], limit: int) -> list[int]:
-        done = len(history) - self.prompt  # generated tokens the history holds (the last one not fed yet)
-        drafts = list(self.continuation[done : done + min(limit, self.length)])
-        for i in range(len(drafts)):
-            if (done + i) % self.wrong_every == self.wrong_every - 1:
-                drafts[i] = (drafts[i] + 1) % 512
-        return drafts
-
-    def update(self, proposed: int, accepted: int) -> None:
-        self.proposed += proposed
-        self.accepted += accepted
 
 
 def run(head, tail, prompt, n, drafter=None, params=None, stop=(), lm_head=None) -> list[int]:

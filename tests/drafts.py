@@ -1,0 +1,23 @@
+"""A drafter for tests: speculation's hits and misses on demand, whatever the model does."""
+
+from __future__ import annotations
+
+
+class OracleDrafts:
+    """Proposes the known continuation with every ``wrong_every``-th token replaced: hits and misses on demand."""
+
+    def __init__(self, prompt: list[int], continuation: list[int], wrong_every: int = 3, length: int = 4) -> None:
+        self.prompt, self.continuation, self.wrong_every, self.length = len(prompt), continuation, wrong_every, length
+        self.proposed = self.accepted = 0
+
+    def propose(self, history: list[int], limit: int) -> list[int]:
+        done = len(history) - self.prompt  # generated tokens the history holds (the last one not fed yet)
+        drafts = list(self.continuation[done : done + min(limit, self.length)])
+        for i in range(len(drafts)):
+            if (done + i) % self.wrong_every == self.wrong_every - 1:
+                drafts[i] = (drafts[i] + 1) % 512
+        return drafts
+
+    def update(self, proposed: int, accepted: int) -> None:
+        self.proposed += proposed
+        self.accepted += accepted

@@ -1,0 +1,85 @@
+"""Speculative decoding over HTTP: drafts verified by the tail service in one step, rollback carried by the next
+step (X-Keep-Length), and a service killed mid-speculation replayed into the same greedy text."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import TINY, bundles
+from drafts import OracleDrafts
+from servers import free_port, service_thread, start_service_process, stop, wait_ready
+
+from client.remote import RemoteTail
+from client.settings import ClientSettings
+from splitcore.generation import LocalTail, SplitGenerator
+from splitcore.graphs import HeadRunner, LmHeadRunner, TailRunner
+from splitcore.sampling import SamplingParams
+
+PROMPT = list(range(60, 76))
+
+
+def generate(client, link, drafter=None, n=32, stop_at=None, on_token=None) -> list[int]:
+    generator = SplitGenerator(HeadRunner(client), link, prefill_chunk=8, drafter=drafter)
+    tokens = []
+    for choice in generator.generate(PROMPT, n, stop_ids=()):
+        tokens.append(choice.token)
+        if on_token is not None:
+            on_token(len(tokens))
+    return tokens
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_greedy_over_http_with_drafts_equals_the_plain_split(export_bundle, k):
+    out = export_bundle(TINY, k)
+    client, server = bundles(out)
+    plain = generate(client, LocalTail(TailRunner(server), SamplingParams()))
+    with service_thread(out / "server") as url:
+        oracle = OracleDrafts(PROMPT, plain)
+        link = RemoteTail.open(client, ClientSettings(server_url=url), SamplingParams())
+        try:
+            assert generate(client, link, oracle) == plain
+        finally:
+            link.close()
+    assert 0 < oracle.accepted < oracle.proposed
+    # Fewer round trips than tokens: what speculation is for.
+    assert link.traffic.steps < len(plain)
+
+
+def test_private_output_over_http_verifies_with_the_clients_lm_head(export_bundle):
+    out = export_bundle(TINY, 2, private_output=True)
+    client, server = bundles(out)
+    lm_head = LmHeadRunner(client)
+    plain = generate(client, LocalTail(TailRunner(server), SamplingParams(), lm_head))
+    with service_thread(out / "server") as url:
+        oracle = OracleDrafts(PROMPT, plain)
+        link = RemoteTail.open(client, ClientSettings(server_url=url), SamplingParams(), lm_head)
+        try:
+            assert generate(client, link, oracle) == plain
+        finally:
+            link.close()
+    assert oracle.accepted > 0
+
+
+def test_a_service_killed_mid_speculation_is_replayed_into_the_same_text(export_bundle):
+    out = export_bundle(TINY, 2)
+    client, server = bundles(out)
+    plain = generate(client, LocalTail(TailRunner(server), SamplingParams()))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = start_service_process(out / "server", port)
+    try:
+        wait_ready(url)
+        link = RemoteTail.open(client, ClientSettings(server_url=url), SamplingParams())
+
+        def kill_once(produced: int) -> None:
+            nonlocal process
+            if produced == 9:  # mid-run, with a rollback pending for the next step
+                stop(process)
+                process = start_service_process(out / "server", port)
+                wait_ready(url)
+
+        oracle = OracleDrafts(PROMPT, plain)
+        assert generate(client, link, oracle, on_token=kill_once) == plain
+        assert link.replays == 1 and oracle.accepted > 0
+        link.close()
+    finally:
+        stop(process)
