@@ -10,8 +10,8 @@ from servers import free_port, service_thread, start_service_process, stop, wait
 
 from client.remote import RemoteTail
 from client.settings import ClientSettings
-from splitcore.generation import LocalTail, SplitGenerator
-from splitcore.graphs import HeadRunner, LmHeadRunner, TailRunner
+from splitcore.generation import SplitGenerator
+from splitcore.graphs import HeadRunner, LmHeadRunner
 from splitcore.sampling import SamplingParams
 
 PROMPT = list(range(60, 76))
@@ -27,47 +27,49 @@ def generate(client, link, drafter=None, n=32, stop_at=None, on_token=None) -> l
     return tokens
 
 
+def over_http(client, url, drafter=None, lm_head=None, **settings) -> tuple[list[int], RemoteTail]:
+    link = RemoteTail.open(client, ClientSettings(server_url=url, **settings), SamplingParams(), lm_head)
+    try:
+        return generate(client, link, drafter), link
+    finally:
+        link.close()
+
+
 @pytest.mark.parametrize("k", [1, 3])
-def test_greedy_over_http_with_drafts_equals_the_plain_split(export_bundle, k):
+def test_greedy_over_http_with_drafts_equals_one_token_per_step(export_bundle, k):
+    """Both runs cross the wire in fp16, so they see the same hidden states; only the step sizes differ."""
     out = export_bundle(TINY, k)
-    client, server = bundles(out)
-    plain = generate(client, LocalTail(TailRunner(server), SamplingParams()))
+    client, _ = bundles(out)
     with service_thread(out / "server") as url:
+        plain, plain_link = over_http(client, url)
         oracle = OracleDrafts(PROMPT, plain)
-        link = RemoteTail.open(client, ClientSettings(server_url=url), SamplingParams())
-        try:
-            assert generate(client, link, oracle) == plain
-        finally:
-            link.close()
+        drafted, link = over_http(client, url, oracle)
+    assert drafted == plain
     assert 0 < oracle.accepted < oracle.proposed
     # Fewer round trips than tokens: what speculation is for.
-    assert link.traffic.steps < len(plain)
+    assert link.traffic.steps < plain_link.traffic.steps
 
 
 def test_private_output_over_http_verifies_with_the_clients_lm_head(export_bundle):
     out = export_bundle(TINY, 2, private_output=True)
-    client, server = bundles(out)
+    client, _ = bundles(out)
     lm_head = LmHeadRunner(client)
-    plain = generate(client, LocalTail(TailRunner(server), SamplingParams(), lm_head))
     with service_thread(out / "server") as url:
+        plain, _ = over_http(client, url, lm_head=lm_head)
         oracle = OracleDrafts(PROMPT, plain)
-        link = RemoteTail.open(client, ClientSettings(server_url=url), SamplingParams(), lm_head)
-        try:
-            assert generate(client, link, oracle) == plain
-        finally:
-            link.close()
+        assert over_http(client, url, oracle, lm_head)[0] == plain
     assert oracle.accepted > 0
 
 
 def test_a_service_killed_mid_speculation_is_replayed_into_the_same_text(export_bundle):
     out = export_bundle(TINY, 2)
-    client, server = bundles(out)
-    plain = generate(client, LocalTail(TailRunner(server), SamplingParams()))
+    client, _ = bundles(out)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     process = start_service_process(out / "server", port)
     try:
         wait_ready(url)
+        plain, _ = over_http(client, url)
         link = RemoteTail.open(client, ClientSettings(server_url=url), SamplingParams())
 
         def kill_once(produced: int) -> None:
