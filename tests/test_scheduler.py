@@ -1,123 +1,214 @@
-"""The service's tail loop: decode steps go first, prompts run in chunks between them, results as if run alone."""
+"""The scheduler's decisions, and the engine that owns sessions: decode rows first, prompts in chunks between them,
+closed sessions' steps refused, a failed run failing its own step only; results as if each session ran alone."""
 
 from __future__ import annotations
 
 import asyncio
 
 import numpy as np
+import pytest
 from conftest import TINY, bundles
 
 from export import parity
-from services.batching import DecodeBatches, run_one
-from services.scheduler import TailScheduler
+from services.engine import Engine, OpenRequest, StepRequest
+from services.metrics import Metrics
+from services.scheduler import Scheduler, Work, chunk_size
+from services.sessions import History, Session
+from services.settings import ServerSettings
+from splitcore.errors import PositionMismatch, SessionNotFound
 from splitcore.graphs import TailRunner
+from splitcore.sampling import Sampler, SamplingParams
 
 
-class Recorded(DecodeBatches):
-    """Notes every run: ("decode", rows) or ("prompt", positions)."""
-
-    def __init__(self, tail: TailRunner) -> None:
-        super().__init__(tail)
-        self.trace: list[tuple[str, int]] = []
-        self.inside = False
-
-    def run(self, caches, hidden):
-        self.trace.append(("decode", len(caches)))
-        self.inside = True  # a batch of one goes through run_one
-        try:
-            return super().run(caches, hidden)
-        finally:
-            self.inside = False
-
-    def run_one(self, cache, hidden):
-        if not self.inside:
-            self.trace.append(("prompt", hidden.shape[1]))
-        return super().run_one(cache, hidden)
+def session(slot: int) -> Session:
+    return Session(f"s{slot}", slot, 64, Sampler(SamplingParams()), History(8), 0, 0.0)
 
 
-def test_prompts_are_chunked_between_decode_steps_and_give_the_same_logits(export_bundle):
+def work(owner: Session, seq: int, keep: int = 1) -> Work:
+    return Work(owner, np.zeros((1, seq, 4), np.float32), keep, keep, 0, None)
+
+
+def run(scheduler: Scheduler):
+    """Plan, and pretend the runner ran the plan."""
+    plan = scheduler.plan()
+    for w in plan.decode:
+        w.offset = 1
+    for c in plan.chunks:
+        c.work.offset += c.size
+    scheduler.finish(plan)
+    return plan
+
+
+def test_plan_runs_every_decode_row_first_then_prompt_chunks_within_the_budget():
+    scheduler = Scheduler(max_batch=3, token_budget=8, clock=lambda: 0.0)
+    decoders = [session(i) for i in range(4)]
+    newcomers = [session(10 + i) for i in range(3)]
+    for s in decoders:
+        scheduler.add(work(s, 1))
+    for s, seq in zip(newcomers, (3, 20, 4)):
+        scheduler.add(work(s, seq))
+    plan = run(scheduler)
+    assert [w.session for w in plan.decode] == decoders[:3]  # max_batch rows, in arrival order
+    # Budget 8 - 3 decode rows = 5 positions: all of the first newcomer's 3, then 2 of the second's.
+    assert [(c.work.session, c.size) for c in plan.chunks] == [(newcomers[0], 3), (newcomers[1], 2)]
+    plan = run(scheduler)
+    assert [w.session for w in plan.decode] == decoders[3:]
+    # 8 - 1 = 7: the second newcomer's next 7 (several newcomers share a step when the budget allows).
+    assert [(c.work.session, c.size) for c in plan.chunks] == [(newcomers[1], 7)]
+    plan = run(scheduler)  # the decoders decoded a moment ago: still chunked, now with the whole budget
+    assert [(c.work.session, c.size) for c in plan.chunks] == [(newcomers[1], 8)]
+
+
+def test_a_prompt_runs_whole_when_no_other_session_decodes():
+    clock = [0.0]
+    scheduler = Scheduler(max_batch=8, token_budget=4, clock=lambda: clock[0])
+    alone = session(0)
+    scheduler.add(work(alone, 50))
+    assert [c.size for c in run(scheduler).chunks] == [50]
+    other = session(1)
+    scheduler.add(work(other, 1))
+    scheduler.add(work(alone, 50))
+    assert [c.size for c in run(scheduler).chunks] == [3]  # beside ``other``'s decode row
+    assert [c.size for c in run(scheduler).chunks] == [4]  # ``other`` decoded a moment ago
+    clock[0] += 5  # ``other`` has not decoded for a while: the rest runs whole
+    assert [c.size for c in run(scheduler).chunks] == [43]
+
+
+@pytest.mark.parametrize(("seq", "offset", "keep", "budget", "size"),
+                         [(10, 0, 4, 8, 6), (10, 0, 1, 8, 8), (10, 6, 4, 2, 4), (5, 0, 5, 2, 5), (10, 0, 3, None, 10)])
+def test_the_kept_positions_run_in_one_chunk(seq, offset, keep, budget, size):
+    w = work(session(0), seq, keep)
+    w.offset = offset
+    assert chunk_size(w, budget) == size
+
+
+@pytest.fixture(scope="module")
+def tail(export_bundle):
     _, server = bundles(export_bundle(TINY, 2))
-    tail = TailRunner(server)
-    size = server.manifest.model.hidden_size
+    return TailRunner(server)
+
+
+def engine_for(tail: TailRunner, **settings) -> Engine:
+    defaults = {"prefill_chunk": 2, "batch_gather_ms": 0.0}
+    return Engine(tail, ServerSettings(**{**defaults, **settings}), Metrics(), slots=4, slot_length=64)
+
+
+def request(sid: str, hidden: np.ndarray, past: int, keep_length: int | None = None) -> StepRequest:
+    return StepRequest(sid, hidden, past, keep_length, keep=1, samples=1)
+
+
+def solo(tail: TailRunner, chunks: list[np.ndarray]) -> list[np.ndarray]:
+    cache = tail.new_cache(64)
+    return [tail.forward(h, cache)[0, -1] for h in chunks]
+
+
+def test_prompts_are_chunked_between_decode_steps_and_give_the_same_logits(tail):
+    size = tail.bundle.manifest.model.hidden_size
     rng = np.random.default_rng(3)
-    decoder_prompt = rng.standard_normal((1, 4, size)).astype(np.float32)
-    decoder_steps = [rng.standard_normal((1, 1, size)).astype(np.float32) for _ in range(8)]
+    decoder_steps = [rng.standard_normal((1, 4 if i == 0 else 1, size)).astype(np.float32) for i in range(9)]
     newcomer_prompt = rng.standard_normal((1, 9, size)).astype(np.float32)
 
-    reference = tail.new_cache()
-    expected_decoder = [run_one(tail, reference, decoder_prompt)] + [run_one(tail, reference, h) for h in decoder_steps]
-    expected_newcomer = run_one(tail, tail.new_cache(), newcomer_prompt)
+    async def scenario():
+        engine = engine_for(tail)
+        runs = []
+        execute = engine.runner.execute
+        engine.runner.execute = lambda plan: (runs.append(([w.seq for w in plan.decode],
+                                                           [c.size for c in plan.chunks])), execute(plan))
+        engine.start()
+        params = OpenRequest(None, SamplingParams(), 0, [])
+        decoder, newcomer = await engine.open(params), await engine.open(params)
+        got, past = [], 0
+        for i, h in enumerate(decoder_steps):
+            if i == 2:
+                joining = asyncio.create_task(engine.step(request(newcomer.id, newcomer_prompt, 0)))
+                await asyncio.sleep(0)
+            got.append(await engine.step(request(decoder.id, h, past)))
+            past += h.shape[1]
+        joined = await joining
+        await engine.stop()
+        return got, joined, runs
 
-    async def scenario() -> tuple[list[np.ndarray], np.ndarray, Recorded]:
-        scheduler = TailScheduler(tail, max_batch=8, prefill_chunk=2, gather_s=0.0)
-        scheduler.batches = recorded = Recorded(tail)
-        loop = asyncio.create_task(scheduler.run())
-        decoder, newcomer = tail.new_cache(), tail.new_cache()
-        got = [await scheduler.step(decoder, decoder_prompt)]
-        got.append(await scheduler.step(decoder, decoder_steps[0]))
-        joining = asyncio.create_task(scheduler.step(newcomer, newcomer_prompt))
-        for h in decoder_steps[1:]:
-            got.append(await scheduler.step(decoder, h))
-        newcomer_logits = await joining
-        loop.cancel()
-        return got, newcomer_logits, recorded
-
-    got, newcomer_logits, recorded = asyncio.run(scenario())
-    for i, (g, e) in enumerate(zip(got, expected_decoder)):
-        parity.assert_close(f"decoder step {i}", g, e, atol=1e-5, rtol=1e-5)
-    parity.assert_close("newcomer's prompt", newcomer_logits, expected_newcomer, atol=1e-5, rtol=1e-5)
-
-    assert recorded.trace[0] == ("prompt", 4), "a prompt runs in one piece while nobody decodes"
-    chunks = [i for i, (kind, _) in enumerate(recorded.trace) if kind == "prompt"][1:]
-    assert [recorded.trace[i][1] for i in chunks] == [2, 2, 2, 2, 1], recorded.trace
-    for before, after in zip(chunks, chunks[1:]):
-        assert ("decode", 1) in recorded.trace[before + 1 : after], f"no decode step between chunks: {recorded.trace}"
-
-
-def test_a_failed_run_fails_its_step_and_the_loop_goes_on(export_bundle):
-    _, server = bundles(export_bundle(TINY, 2))
-    tail = TailRunner(server)
-    size = server.manifest.model.hidden_size
-
-    async def scenario() -> tuple[BaseException | None, np.ndarray]:
-        scheduler = TailScheduler(tail, max_batch=4, prefill_chunk=8, gather_s=0.0)
-        loop = asyncio.create_task(scheduler.run())
-        # The service validates shapes before this point; the loop must not rely on it.
-        wrong = np.zeros((1, 1, size + 1), dtype=np.float32)
-        try:
-            await scheduler.step(tail.new_cache(), wrong)
-            error = None
-        except Exception as e:  # noqa: BLE001 - whatever onnxruntime raises
-            error = e
-        fine = await scheduler.step(tail.new_cache(), np.ones((1, 2, size), dtype=np.float32))
-        loop.cancel()
-        return error, fine
-
-    error, fine = asyncio.run(scenario())
-    assert error is not None
-    assert fine.shape == (server.manifest.model.vocab_size,)
+    got, joined, runs = asyncio.run(scenario())
+    for i, (g, e) in enumerate(zip(got, solo(tail, decoder_steps))):
+        parity.assert_close(f"decoder step {i}", g.output[-1], e, atol=1e-5, rtol=1e-5)
+    parity.assert_close("newcomer's prompt", joined.output[-1], solo(tail, [newcomer_prompt])[0], atol=1e-5, rtol=1e-5)
+    assert runs[0] == ([], [4]), "a prompt runs in one piece while nobody decodes"
+    chunks = [c for _, cs in runs[1:] for c in cs]
+    # While the decoder decodes the newcomer's prompt runs in chunks of at most the budget (2, or 1 beside a decode
+    # row), so a decode step never waits for more than that.
+    assert sum(chunks) == 9 and max(chunks) <= 2, runs
+    assert any(decode and cs == [1] for decode, cs in runs), f"no chunk shared a step with a decode row: {runs}"
 
 
-def test_prompts_run_whole_when_no_other_open_session_decodes(export_bundle):
-    _, server = bundles(export_bundle(TINY, 2))
-    tail = TailRunner(server)
-    size = server.manifest.model.hidden_size
+def test_a_step_of_a_session_closed_meanwhile_is_refused_and_its_slot_freed(tail):
+    size = tail.bundle.manifest.model.hidden_size
+
+    async def scenario():
+        engine = engine_for(tail)
+        engine.start()
+        opened = await engine.open(OpenRequest(None, SamplingParams(), 0, []))
+        hidden = np.zeros((1, 1, size), np.float32)
+        outcome = await asyncio.gather(engine.step(request(opened.id, hidden, 0)), engine.close(opened.id),
+                                       return_exceptions=True)
+        free = engine.pool.free
+        await engine.stop()
+        return outcome, free
+
+    (stepped, closed), free = asyncio.run(scenario())
+    assert isinstance(stepped, SessionNotFound) and "closed while this step waited" in str(stepped)
+    assert closed is None and free == 4
+
+
+def test_one_step_at_a_time_per_session(tail):
+    size = tail.bundle.manifest.model.hidden_size
+
+    async def scenario():
+        engine = engine_for(tail)
+        engine.start()
+        opened = await engine.open(OpenRequest(None, SamplingParams(), 0, []))
+        hidden = np.zeros((1, 1, size), np.float32)
+        outcome = await asyncio.gather(engine.step(request(opened.id, hidden, 0)),
+                                       engine.step(request(opened.id, hidden, 0)), return_exceptions=True)
+        await engine.stop()
+        return outcome
+
+    first, second = asyncio.run(scenario())
+    assert first.length == 1
+    assert isinstance(second, PositionMismatch) and "already has a step queued or running" in str(second)
+
+
+def test_a_failed_run_fails_its_step_rolls_it_back_and_the_loop_goes_on(tail):
+    size = tail.bundle.manifest.model.hidden_size
     rng = np.random.default_rng(4)
+    prompt, nxt = rng.standard_normal((1, 6, size)).astype(np.float32), rng.standard_normal((1, 1, size))
 
-    def hidden(n: int) -> np.ndarray:
-        return rng.standard_normal((1, n, size)).astype(np.float32)
+    async def scenario():
+        engine = engine_for(tail, prefill_chunk=64)
+        engine.start()
+        opened = await engine.open(OpenRequest(None, SamplingParams(), 0, []))
+        forward = tail.forward
+        calls = []
 
-    async def scenario() -> Recorded:
-        scheduler = TailScheduler(tail, max_batch=8, prefill_chunk=2, gather_s=0.0)
-        scheduler.batches = recorded = Recorded(tail)
-        loop = asyncio.create_task(scheduler.run())
-        first = tail.new_cache()
-        await scheduler.step(first, hidden(4))
-        await scheduler.step(first, hidden(1))
-        await scheduler.step(first, hidden(5))  # its own next turn, e.g. a chat's new user message
-        scheduler.forget(first)  # the session closed
-        await scheduler.step(tail.new_cache(), hidden(7))
-        loop.cancel()
-        return recorded
+        def failing(*args, **kwargs):  # the first run of the prompt fails
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("onnxruntime said no")
+            return forward(*args, **kwargs)
 
-    assert asyncio.run(scenario()).trace == [("prompt", 4), ("decode", 1), ("prompt", 5), ("prompt", 7)]
+        engine.runner.tail = type("Failing", (), {"forward": staticmethod(failing), "decode_rows": tail.decode_rows})()
+        try:
+            await engine.step(request(opened.id, prompt, 0))
+            error = None
+        except RuntimeError as e:
+            error = e
+        length = engine.pool.length(opened.slot)
+        again = await engine.step(request(opened.id, prompt, 0))
+        after = await engine.step(request(opened.id, nxt.astype(np.float32), 6))
+        await engine.stop()
+        return error, length, again, after
+
+    error, length, again, after = asyncio.run(scenario())
+    assert isinstance(error, RuntimeError) and length == 0
+    expected = solo(tail, [prompt, nxt.astype(np.float32)])
+    parity.assert_close("retried prompt", again.output[-1], expected[0], atol=1e-5, rtol=1e-5)
+    parity.assert_close("step after", after.output[-1], expected[1], atol=1e-5, rtol=1e-5)
