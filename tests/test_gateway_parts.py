@@ -104,7 +104,7 @@ class FakeGenerator:
 def test_cached_sequence_matches_token_ids_not_text() -> None:
     """"Once upon a ti" + "me" reads like "Once upon a time", but a BPE encodes the whole word differently: ids
     that do not start with the held ones start afresh, so a reused sequence computes what a fresh one would."""
-    tokenizer = SimpleNamespace(stop_ids=[0])
+    tokenizer = SimpleNamespace(stop_ids=[0], tokenizer=None)  # no token is decoded here
     ti, time_ = 301, 302  # "ti" and "time" as one token each
     sequence = CachedSequence(FakeGenerator([5, 6, ti], pending=None), tokenizer)
     assert not sequence.extends([5, 6, time_])
