@@ -1,4 +1,5 @@
-"""On a CUDA GPU: the fp16 tail against the fp32 CPU tail, and the IO-binding path. ``pytest -m gpu``.
+"""On a CUDA GPU: the fp16 tail against the fp32 CPU tail, batched decode in the KV slots, and the service. ``pytest -m
+gpu``. The batching tests of tests/test_batching.py also run here, on the CUDA provider, through the same code.
 
 scripts/gpu_check.sh runs these with SPLIT_GPU_BUNDLES pointing at the bundles it exported (export skips bundles that
 are up to date, so nothing is exported twice).
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,6 @@ from client.remote import RemoteTail
 from client.settings import ClientSettings
 from export import parity
 from export.__main__ import main as export_main
-from splitcore.device_runner import DeviceKVCache, DeviceTailRunner
 from splitcore.generation import LocalTail, SplitGenerator
 from splitcore.graphs import HeadRunner, TailRunner
 from splitcore.sampling import SamplingParams
@@ -39,14 +40,14 @@ MODELS = [(TINY, 2), pytest.param("smollm2", 4, marks=requires_smollm2)]
 
 @pytest.fixture(scope="session")
 def split(export_bundle):
-    """split(model, k, dtype) -> (client, server) bundles, under SPLIT_GPU_BUNDLES when the check script set it."""
+    """split(model, k, weights) -> (client, server) bundles, under SPLIT_GPU_BUNDLES when the check script set it."""
 
-    def get(model: str, k: int, dtype: str):
+    def get(model: str, k: int, weights: str):
         root = os.environ.get("SPLIT_GPU_BUNDLES")
         if not root:
-            return bundles(export_bundle(model, k, dtype))
-        out = Path(root) / f"{model.replace(':', '-')}-k{k}-{dtype}"
-        assert export_main(["--model", model, "--split-layer", str(k), "--dtype", dtype, "--out", str(out)]) == 0
+            return bundles(export_bundle(model, k, weights))
+        out = Path(root) / f"{model.replace(':', '-')}-k{k}-{weights}"
+        assert export_main(["--model", model, "--split-layer", str(k), "--weights", weights, "--out", str(out)]) == 0
         return bundles(out)
 
     return get
@@ -54,17 +55,13 @@ def split(export_bundle):
 
 def greedy(head: HeadRunner, tail: TailRunner, prompt: list[int], steps: int, forced: list[int] | None = None):
     """Greedy decode; with ``forced`` the fed tokens are given (teacher forcing), so positions line up."""
-    head_cache, tail_cache = head.new_cache(), tail.new_cache()
-    ids, past, tokens, rows = np.asarray([prompt], np.int64), 0, [], []
+    head_cache, tail_cache = head.new_cache(), tail.new_cache(len(prompt) + steps)
+    ids, tokens, rows = np.asarray([prompt], np.int64), [], []
     for i in range(steps):
-        seq = ids.shape[1]
-        mask = np.ones((1, past + seq), np.int64)
-        positions = np.arange(past, past + seq, dtype=np.int64)[None, :]
-        hidden = head.forward(ids, mask, positions, head_cache)
-        logits = tail.forward(hidden, mask, positions, tail_cache, logits_to_keep=1)[0, -1].astype(np.float32)
+        hidden = head.forward(ids, head_cache)
+        logits = tail.forward(hidden, tail_cache, logits_to_keep=1)[0, -1].astype(np.float32)
         rows.append(logits)
         tokens.append(int(logits.argmax()))
-        past += seq
         ids = np.asarray([[forced[i] if forced else tokens[-1]]], np.int64)
     return tokens, np.stack(rows), tail_cache
 
@@ -76,10 +73,10 @@ def test_fp16_tail_on_cuda_agrees_with_fp32_on_cpu(split, model, k):
     head = HeadRunner(client, CPU)
     prompt = list(range(20, 36))
     expected, reference, _ = greedy(head, TailRunner(server32, CPU), prompt, STEPS)
-    cuda_tail = DeviceTailRunner(server16, CUDA)
+    cuda_tail = TailRunner(server16, CUDA)
     assert cuda_tail.providers[0] == "CUDAExecutionProvider", f"CUDA did not start: {cuda_tail.providers}"
     got, logits, cache = greedy(head, cuda_tail, prompt, STEPS, forced=expected)
-    assert isinstance(cache, DeviceKVCache) and cache.device == "cuda", cache.device
+    assert cache.device == "cuda", cache.device
     agreement = parity.argmax_agreement(logits, reference)
     drift = parity.diff("logits", logits, reference)
     bound = parity.FP16_RELATIVE_DRIFT * drift.scale
@@ -90,15 +87,43 @@ def test_fp16_tail_on_cuda_agrees_with_fp32_on_cpu(split, model, k):
     assert drift.max_abs <= bound, drift.report(bound, 0.0)
 
 
-def test_io_binding_on_cuda_equals_plain_cuda_and_keeps_the_cache_on_the_gpu(split):
-    client, server16 = split(TINY, 2, "fp16")
-    head = HeadRunner(client, CPU)
-    prompt = list(range(40, 52))
-    plain_tokens, plain, _ = greedy(head, TailRunner(server16, CUDA), prompt, 24)
-    bound_tokens, bound, cache = greedy(head, DeviceTailRunner(server16, CUDA), prompt, 24)
-    assert cache.device == "cuda" and cache.length == len(prompt) + 23
-    assert bound_tokens == plain_tokens
-    parity.assert_close("logits (IO binding vs plain, CUDA fp16)", bound, plain, atol=1e-3, rtol=1e-3)
+@pytest.mark.parametrize("model,k", MODELS)
+def test_batched_decode_on_cuda_equals_each_slot_alone_and_its_step_times(split, model, k):
+    """decode_rows over 16 slots of the GPU pool equals each slot run alone; prints batch 1/4/16 step times."""
+    _, server16 = split(model, k, "fp16")
+    tail = TailRunner(server16, CUDA)
+    size = server16.manifest.model.hidden_size
+    rng = np.random.default_rng(0)
+    pool = tail.new_pool(16, 256)
+    slots = [pool.acquire() for _ in range(16)]
+    alone = []
+    for slot in slots:
+        prefix = rng.standard_normal((1, 8 + slot, size)).astype(np.float16)
+        tail.forward(prefix, pool, slot)
+        cache = tail.new_cache(256)
+        tail.forward(prefix, cache)
+        alone.append(cache)
+    hidden = rng.standard_normal((16, 1, size)).astype(np.float16)
+    together = tail.decode_rows(hidden, pool, slots)
+    for i, cache in enumerate(alone):
+        one = tail.forward(hidden[i : i + 1], cache)
+        parity.assert_close(f"slot {i}", together[i].astype(np.float32), one[0].astype(np.float32), atol=5e-2,
+                            rtol=5e-2)
+        assert int(together[i].argmax()) == int(one[0].argmax())
+    timings = {}
+    for rows in (1, 4, 16):
+        for slot in slots:
+            pool.truncate(slot, 8 + slot)
+        run = slots[:rows]
+        tail.decode_rows(hidden[:rows], pool, run)  # warm-up
+        started = time.perf_counter()
+        for _ in range(20):
+            for slot in run:
+                pool.truncate(slot, 8 + slot)
+            tail.decode_rows(hidden[:rows], pool, run)
+        timings[rows] = (time.perf_counter() - started) / 20 * 1e3
+    print(f"\n{model} K={k} fp16 on {tail.providers[0]}: decode step of batch 1/4/16: "
+          + " / ".join(f"{timings[r]:.2f} ms" for r in (1, 4, 16)))
 
 
 def test_service_on_cuda_reports_it_and_serves_the_same_tokens(split, tmp_path):
@@ -116,7 +141,7 @@ def test_service_on_cuda_reports_it_and_serves_the_same_tokens(split, tmp_path):
         prompt = list(range(60, 70))
         remote = RemoteTail.open(client, ClientSettings(server_url=running.url), SamplingParams())
         got = [c.token for c in SplitGenerator(head, remote).generate(prompt, 16, stop_ids=())]
-        local = LocalTail(DeviceTailRunner(server16, CUDA), SamplingParams())
+        local = LocalTail(TailRunner(server16, CUDA), SamplingParams())
         expected = [c.token for c in SplitGenerator(head, local).generate(prompt, 16, stop_ids=())]
         assert got == expected
     finally:
