@@ -5,7 +5,10 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 MODEL ?= smollm2
 SPLIT_LAYER ?= 4
-DTYPE ?= fp32
+# 4-bit MLP, 8-bit elsewhere: passes the quality floors on SmolLM2 and decodes ~2-3x faster than fp32 on a CPU
+# (docs/performance.md). WEIGHTS=fp32 is the exact parity reference; WEIGHTS=fp16 (or DTYPE=fp16) is for GPU tails.
+WEIGHTS ?= int4-mlp
+DTYPE ?=
 BUNDLE ?= bundles/$(MODEL)-k$(SPLIT_LAYER)
 PROMPT ?= What is the capital of France? Answer in one sentence.
 HOST ?= 127.0.0.1
@@ -15,7 +18,7 @@ GATEWAY_PORT ?= 8080
 GATEWAY_ARGS ?=
 PRIVACY_ARGS ?=
 
-.PHONY: venv export demo demo-local serve gateway test test-fast lint clean bench bench-quick bench-load privacy privacy-quick
+.PHONY: venv export demo demo-local serve gateway test test-fast lint clean bench bench-quick bench-steps bench-load privacy privacy-quick
 
 venv: $(VENV)/.installed
 
@@ -29,7 +32,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 export: venv
-	$(BIN)/python -m export --model $(MODEL) --split-layer $(SPLIT_LAYER) --dtype $(DTYPE) --out $(BUNDLE)
+	$(BIN)/python -m export --model $(MODEL) --split-layer $(SPLIT_LAYER) --weights $(WEIGHTS) \
+		$(if $(DTYPE),--dtype $(DTYPE)) --out $(BUNDLE)
 
 # The real thing: the tail service on loopback in the background, the client in front, text only on this side.
 # Refuses a PORT already in use (e.g. by `make serve`); the service's log stays in $(BUNDLE)/demo-service.log.
@@ -43,17 +47,27 @@ demo-local: export
 serve: export
 	$(BIN)/python -m services --bundle $(BUNDLE)/server --host $(HOST) --port $(PORT)
 
-# Full mode for the README (SmolLM2 and TinyLlama shapes; exports once into bundles/bench, then ~30+ minutes).
+# Full mode for the README: SmolLM2 and the TinyLlama shapes, (b) (c) (d) at each of BENCH_WEIGHTS, plus the anchors
+# llama.cpp and onnxruntime-genai int4 on the same SmolLM2 GGUF (installed on first use, never by `make venv`: the
+# llama-cpp-python wheel is compiled once, minutes, and cached in ~/.cache/splitllm/wheels). Exports once into
+# bundles/bench, then ~30+ minutes. BENCH_ARGS e.g. "--models smollm2:4 --prompt-lengths 32" for SmolLM2 only.
+BENCH_WEIGHTS ?= fp32 int4-mlp int4
+BENCH_ARGS ?=
 bench: venv
-	$(BIN)/python -m bench --out reports/bench
+	$(BIN)/python -m bench --weights $(BENCH_WEIGHTS) --out reports/bench $(BENCH_ARGS)
 
-# CI smoke run: random:tiny, a short prompt, a few tokens.
+# Only issue 12's TinyLlama-shape numbers: the int4 vs fp32 head step and tail decode step (random:tinyllama at
+# K = 4; needs ~10 GB of RAM and some minutes, most of them the two exports).
+bench-steps: venv
+	$(BIN)/python -m bench --steps-only --models random:tinyllama:4 --weights fp32 int4 --out reports/bench-steps
+
 # Concurrent sessions against one service: aggregate tokens/s and step latency at 1, 4, 16 and 64 sessions.
 bench-load: export
 	$(BIN)/python -m bench.load --bundle $(BUNDLE) --out reports/load
 
+# CI smoke run: random:tiny, a short prompt, a few tokens, fp32 and int4.
 bench-quick: venv
-	$(BIN)/python -m bench --quick --out reports/bench-quick
+	$(BIN)/python -m bench --quick --out reports/bench-quick $(BENCH_ARGS)
 
 # The OpenAI-compatible gateway on 127.0.0.1:$(GATEWAY_PORT), forwarding to the tail service of `make serve`
 # (GATEWAY_ARGS=--local runs the tail in the gateway instead).
@@ -79,3 +93,40 @@ lint: venv
 
 clean:
 	rm -rf bundles .pytest_cache .ruff_cache
+
+# Container images with a real engine (docs/images.md): the running one, or dockerd started for the command and
+# stopped after it. `make base-image` builds a Debian base from the Debian mirror, for machines and air-gapped sites
+# with no container registry; IMAGE_BASE=$(BASE_IMAGE) then builds every image on it (no CUDA libraries in it: the
+# tail runs on CPU there). PYTHON_IMAGE, CUDA_IMAGE, PIP_INDEX_URL, TORCH_INDEX_URL, PIP_CA: see scripts/images/build.py.
+IMAGE_TAG ?= 0.1.0
+IMAGE_PREFIX ?=
+IMAGE_BASE ?=
+BASE_IMAGE ?= splitllm-base:bookworm
+IMAGE_SETTINGS = IMAGE_TAG="$(IMAGE_TAG)" IMAGE_PREFIX="$(IMAGE_PREFIX)" IMAGE_BASE="$(IMAGE_BASE)"
+
+.PHONY: base-image images images-smoke
+
+base-image:
+	$(PYTHON) scripts/images/engine.py scripts/images/base.sh $(BASE_IMAGE)
+
+images:
+	$(IMAGE_SETTINGS) $(PYTHON) scripts/images/build.py
+
+# Builds (cache hits after `make images`), exports random:tiny with the export image, runs the tail image hardened as
+# in k8s/ and drives it with the client image; one "skipped" line where no engine can run.
+images-smoke: venv
+	$(IMAGE_SETTINGS) $(BIN)/python scripts/images/smoke.py
+
+# Split inference over a delayed link (docs/performance.md, "Over a real network"): as root, the client and the tail
+# service in two network namespaces joined by a veth pair (elsewhere loopback, as the report says); RTT 0/10/30/80 ms
+# added by tc netem where the kernel has it, else by a delay proxy; speculation off and on; the prompt set of
+# bench/data/wan_prompts.json. ~10 minutes on SmolLM2 int4-mlp; writes reports/wan/wan.{json,md,png}.
+# WAN_ARGS e.g. "--rtts 0 30 --per-kind 1 --new-tokens 16" for a quick look.
+WAN_BUNDLE ?= bundles/$(MODEL)-k$(SPLIT_LAYER)-int4-mlp
+WAN_ARGS ?=
+
+.PHONY: bench-wan
+
+bench-wan: venv
+	$(BIN)/python -m export --model $(MODEL) --split-layer $(SPLIT_LAYER) --weights int4-mlp --full --out $(WAN_BUNDLE)
+	$(BIN)/python -m bench.wan --bundle $(WAN_BUNDLE) --out reports/wan $(WAN_ARGS)

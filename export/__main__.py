@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.dtype is None:
         args.dtype = "fp16" if args.weights == "fp16" else "fp32"
+    if args.dtype == "fp16" and args.weights == "fp32":
+        args.weights = "fp16"  # float weights are stored in the graph's dtype
     if args.weights == "fp16" and args.dtype != "fp16":
         p.error("--weights fp16 needs --dtype fp16 (fp16 weights in an fp32 graph would only be cast back)")
     if args.split_layer < 1:
@@ -172,6 +174,7 @@ def run(args: argparse.Namespace) -> None:
         tail=tail,
         output_mode="hidden" if args.private_output else "logits",
         lm_head=lm_head,
+        generation=bundles.generation_defaults(model),
         tokenizer=tokenizer,
         files=bundles.file_entries(args.out, head, tail, tokenizer, full, lm_head),
         tools=bundles.tool_versions(),

@@ -48,6 +48,18 @@ def model_spec(model, model_id: str, source: str, revision: str | None) -> Model
     )
 
 
+# transformers' documented defaults for what a generation_config leaves unset (its 5.x objects hold None there).
+GENERATION_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0}
+
+
+def generation_defaults(model) -> dict:
+    """The model's effective sampling defaults (its generation_config, transformers' defaults filled in), so a
+    model that does not sample by default is answered greedily."""
+    config = model.generation_config
+    values = {name: getattr(config, name, None) for name in GENERATION_DEFAULTS}
+    return {name: default if values[name] is None else values[name] for name, default in GENERATION_DEFAULTS.items()}
+
+
 def write_tokenizer(tokenizer: PreTrainedTokenizerBase, generation_eos, client_dir: Path) -> TokenizerSpec:
     """tokenizer.json and the chat template go to the client only: the server never sees text."""
     tokenizer.backend_tokenizer.save(str(client_dir / TOKENIZER_FILE))

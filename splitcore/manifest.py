@@ -116,6 +116,9 @@ class Manifest(_Strict):
     full: GraphSpec | None = None
     output_mode: OutputMode = "logits"
     lm_head: GraphSpec | None = None
+    # The model's own sampling defaults (transformers' generation_config names: do_sample, temperature, top_p,
+    # top_k, repetition_penalty); the gateway uses them where a request does not say.
+    generation: dict | None = None
     tokenizer: TokenizerSpec | None
     files: dict[str, FileEntry]
     validation: dict
