@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from datetime import datetime
 
-from jinja2.ext import loopcontrols
+from jinja2 import nodes
+from jinja2.ext import Extension, loopcontrols
+from jinja2.parser import Parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
@@ -16,6 +19,24 @@ from splitcore.manifest import Bundle
 
 def _raise(message: str) -> None:
     raise ValueError(f"chat template: {message}")
+
+
+class GenerationBlock(Extension):
+    """transformers' ``{% generation %}...{% endgeneration %}``: it marks assistant tokens for training masks and
+    renders its body unchanged, which is all inference needs."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: Parser) -> nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.Scope(body).set_lineno(lineno)
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:  # noqa: ANN001
+    """transformers' tojson: no HTML escaping, keys in the given order, non-ASCII kept (Jinja's own does all three
+    the other way, so JSON in a prompt would tokenize differently from what the model was trained on)."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 class ChatTokenizer:
@@ -30,7 +51,9 @@ class ChatTokenizer:
         self.template = None
         if spec.chat_template_file:
             # The same environment transformers uses for chat templates.
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=[loopcontrols, GenerationBlock])
+            env.filters["tojson"] = _tojson
             env.globals["raise_exception"] = _raise
             env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
             self.template = env.from_string(bundle.path(spec.chat_template_file).read_text())

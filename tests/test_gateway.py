@@ -345,21 +345,17 @@ def template_tokenizer(out: Path, tmp_path: Path, template: str) -> ChatTokenize
     return ChatTokenizer(Bundle(tmp_path, bundle.manifest, bundle.manifest_sha256, "client"))
 
 
-def test_chat_template_gaps_against_transformers(out: Path, tmp_path: Path) -> None:
-    """Where our sandboxed Jinja differs from transformers' (documented in docs/design.md).
+def test_chat_templates_render_as_transformers_renders_them(out: Path, tmp_path: Path) -> None:
+    """transformers' ``{% generation %}`` block (renders its body) and its ``tojson`` (``ensure_ascii=False``, keys
+    in order, no HTML escaping) behave here as they do in ``apply_chat_template``."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from transformers.utils.chat_template_utils import _compile_jinja_template
 
-    transformers registers a ``{% generation %}`` block (it marks assistant tokens for training masks and renders
-    its body unchanged) and its own ``tojson`` (``ensure_ascii=False``, keys in order, no HTML escaping). Here the
-    block is an unknown tag, and ``tojson`` is Jinja's (HTML-escaped, ASCII, sorted keys). When this test fails
-    because the gap was closed, update docs/design.md and turn it into a parity test.
-    """
-    import jinja2
-
-    with pytest.raises(jinja2.TemplateSyntaxError, match="generation"):
-        template_tokenizer(out, tmp_path, "{% for m in messages %}{% generation %}{{ m['content'] }}"
-                                          "{% endgeneration %}{% endfor %}")
-    tokenizer = template_tokenizer(out, tmp_path, "{{ messages[0]['content'] | tojson }}"
-                                                  "{{ {'b': 1, 'a': 2} | tojson }}")
-    rendered = tokenizer.render([{"role": "user", "content": "a<b é"}])
-    transformers_would = '"a<b é"{"b": 1, "a": 2}'
-    assert rendered == '"a\\u003cb \\u00e9"{"a": 2, "b": 1}' != transformers_would
+    template = ("{% for m in messages %}{% generation %}[{{ m['content'] }}]{% endgeneration %}{% endfor %}"
+                "{{ messages[0]['content'] | tojson }}{{ {'b': 1, 'a': 2} | tojson }}")
+    messages = [{"role": "user", "content": "a<b é"}, {"role": "assistant", "content": "ok & done"}]
+    tokenizer = template_tokenizer(out, tmp_path, template)
+    rendered = tokenizer.render(messages)
+    assert rendered == _compile_jinja_template(template).render(messages=messages, add_generation_prompt=True)
+    assert rendered == '[a<b é][ok & done]"a<b é"{"b": 1, "a": 2}'
+    assert isinstance(tokenizer.template.environment, ImmutableSandboxedEnvironment)
