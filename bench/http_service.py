@@ -42,12 +42,13 @@ class Service:
             self.process.kill()
 
 
-def start_service(server_bundle: Path, timeout_s: float = 300.0) -> Service:
+def start_service(server_bundle: Path, timeout_s: float = 300.0, settings: dict[str, str] | None = None) -> Service:
+    """``settings``: extra SPLIT_SERVER_* variables for this run (e.g. the slot length)."""
     port = _free_port()
     # No drain period: the benchmark stops the service only when it is done with it.
     # The service's own per-session lines would bury the benchmark's progress display.
     env = {**os.environ, "SPLIT_SERVER_BUNDLE": str(server_bundle), "SPLIT_SERVER_DRAIN_S": "0",
-           "SPLIT_SERVER_LOG_LEVEL": os.environ.get("SPLIT_SERVER_LOG_LEVEL", "WARNING")}
+           "SPLIT_SERVER_LOG_LEVEL": os.environ.get("SPLIT_SERVER_LOG_LEVEL", "WARNING"), **(settings or {})}
     command = [sys.executable, "-m", "services", "--host", HOST, "--port", str(port)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout_s

@@ -4,6 +4,10 @@ Each simulated session opens, sends a prompt's worth of hidden states in one chu
 hidden states are synthetic (the tail's cost does not depend on their values) so the measurement is the service's,
 not a head's competing for the same cores. Every level is bounded in steps and in time and stops by itself.
 
+Besides throughput and latency it measures the KV facts of issue 11: the bytes one session's slot reserves (from
+/readyz, checked against the manifest) and the KV bytes a decode step copies, counted on a batched decode run of the
+same tail in this process: every KV output onnxruntime hands back must be the slots' own memory.
+
     python -m bench.load --bundle bundles/smollm2-k4 --levels 1,4,16,64
 """
 
@@ -13,6 +17,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,11 +25,13 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import onnxruntime as ort
 
 from bench.http_service import start_service
-from splitcore import protocol, wire
+from splitcore import names, protocol, wire
 from splitcore.errors import SplitError
-from splitcore.manifest import load_bundle
+from splitcore.graphs import TailRunner
+from splitcore.manifest import Bundle, load_bundle
 
 log = logging.getLogger("bench.load")
 
@@ -37,6 +44,7 @@ class Level:
     tokens: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     rejected: int = 0
+    retry_after_missing: int = 0
     seconds: float = 0.0
 
     def summary(self) -> dict:
@@ -51,6 +59,7 @@ class Level:
             "tokens": self.tokens,
             "errors": self.errors,
             "rejected_sessions": self.rejected,
+            "rejected_without_retry_after": self.retry_after_missing,
             "seconds": self.seconds,
         }
 
@@ -61,6 +70,7 @@ async def one_session(http: httpx.AsyncClient, sha: str, prompt: bytes, step: by
                                                            "max_length": prompt_len + steps})
     if opened.status_code == 503:
         level.rejected += 1
+        level.retry_after_missing += "Retry-After" not in opened.headers
         return
     if opened.status_code != 201:
         level.errors[str(opened.status_code)] = level.errors.get(str(opened.status_code), 0) + 1
@@ -104,6 +114,40 @@ async def run_level(url: str, sha: str, hidden: int, sessions: int, prompt_len: 
     return level
 
 
+def kv_copy_check(server: Bundle, rows: int = 16, steps: int = 8, length: int = 256) -> dict:
+    """KV bytes a batched decode step copies: run ``steps`` decode runs of ``rows`` slots exactly as the service's
+    runner binds them (splitcore/kvpool.py), and count the bytes of every KV output onnxruntime returns that is not
+    the slots' own memory. Also checks that the buffers were never reallocated."""
+    tail = TailRunner(server, ["CPUExecutionProvider"])
+    pool = tail.new_pool(rows, length)
+    slots = [pool.acquire() for _ in range(rows)]
+    size = server.manifest.model.hidden_size
+    rng = np.random.default_rng(0)
+    for slot in slots:
+        tail.forward(rng.standard_normal((1, 16, size)).astype(tail.dtype), pool, slot)
+    buffers = [(v.data_ptr(), v.data_ptr() + pool.slots * pool.slot_bytes) for v in pool._values]
+    copied = outputs = 0
+    for _ in range(steps):
+        binding = tail.session.io_binding()
+        binding.bind_cpu_input(tail.first_input, rng.standard_normal((rows, 1, size)).astype(tail.dtype))
+        totals = pool.lengths[:rows] + 1
+        binding.bind_cpu_input(names.SEQLENS_K, (totals - 1).astype(np.int32))
+        binding.bind_cpu_input(names.TOTAL_SEQUENCE_LENGTH, np.array(int(totals.max()), dtype=np.int32))
+        binding.bind_ortvalue_input(names.LOGITS_TO_KEEP, ort.OrtValue.ortvalue_from_numpy(np.array(1, np.int64)))
+        binding.bind_output(tail.output_name, "cpu")
+        pool.bind(binding, tail.spec.past, tail.spec.present, 0, rows)
+        tail.session.run_with_iobinding(binding)
+        pool.lengths[:rows] += 1
+        for value in binding.get_outputs()[1:]:  # the present KV outputs, after the logits
+            outputs += 1
+            pointer = value.data_ptr()
+            if not any(lo <= pointer < hi for lo, hi in buffers):
+                copied += int(np.prod(value.shape())) * pool.shape.dtype.itemsize
+    reallocated = [v.data_ptr() for v in pool._values] != [lo for lo, _ in buffers]
+    return {"rows": rows, "decode_steps": steps, "kv_outputs_checked": outputs,
+            "kv_bytes_copied_per_step": copied / steps, "buffers_reallocated": reallocated}
+
+
 def floors(levels: dict[int, dict]) -> dict:
     """The issue's floors, computed where the levels they compare were measured."""
     out = {}
@@ -114,6 +158,7 @@ def floors(levels: dict[int, dict]) -> dict:
         out["16_sessions_errors"] = sum(sixteen["errors"].values())
     if many:
         out["64_sessions_non_503_errors"] = sum(many["errors"].values())
+        out["64_sessions_503_without_retry_after"] = many["rejected_without_retry_after"]
     return out
 
 
@@ -123,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--levels", default="1,4,16,64", help="concurrent sessions per level")
     p.add_argument("--prompt", type=int, default=32, help="prompt positions per session")
     p.add_argument("--steps", type=int, default=32, help="decode steps per session")
+    p.add_argument("--slot-length", type=int, default=512, help="SPLIT_SERVER_SLOT_LENGTH of the service")
     p.add_argument("--limit-s", type=float, default=180.0, help="time limit per level")
     p.add_argument("--out", type=Path, default=Path("reports/load"))
     args = p.parse_args(argv)
@@ -133,12 +179,17 @@ def main(argv: list[str] | None = None) -> int:
     except SplitError as e:
         print(f"bench.load: error: {e}", file=sys.stderr)
         return 2
-    service = start_service(args.bundle / "server")
+    manifest = server.manifest
+    kv = kv_copy_check(server)
+    log.info("KV bytes copied per decode step of %d rows: %.0f (%d KV outputs checked, buffers reallocated: %s)",
+             kv["rows"], kv["kv_bytes_copied_per_step"], kv["kv_outputs_checked"], kv["buffers_reallocated"])
+    service = start_service(args.bundle / "server", settings={"SPLIT_SERVER_SLOT_LENGTH": str(args.slot_length)})
     results: dict[int, dict] = {}
     try:
+        ready = httpx.get(f"{service.url}/readyz", timeout=10).json()
         for sessions in (int(n) for n in args.levels.split(",")):
             log.info("level %d sessions: %d decode steps each ...", sessions, args.steps)
-            level = asyncio.run(run_level(service.url, server.manifest_sha256, server.manifest.model.hidden_size,
+            level = asyncio.run(run_level(service.url, server.manifest_sha256, manifest.model.hidden_size,
                                           sessions, args.prompt, args.steps, args.limit_s))
             results[sessions] = level.summary()
             r = results[sessions]
@@ -147,8 +198,14 @@ def main(argv: list[str] | None = None) -> int:
                      r["errors"] or 0, r["rejected_sessions"])
     finally:
         service.stop()
-    report = {"model": server.manifest.model.id, "split_layer": server.manifest.split_layer,
-              "tail_dtype": server.manifest.tail.dtype, "levels": list(results.values()), "floors": floors(results)}
+    per_token = manifest.kv_bytes_per_token(manifest.tail)
+    report = {"model": manifest.model.id, "split_layer": manifest.split_layer, "tail_dtype": manifest.tail.dtype,
+              "tail_weights": manifest.tail.weights, "provider": ready["provider"], "cpus": os.cpu_count(),
+              "load_average": list(os.getloadavg()),
+              "kv": {"bytes_per_position": per_token, "slot_length": ready["slot_length"], "slots": ready["slots"],
+                     "bytes_per_session": ready["kv_bytes_per_slot"],
+                     "manifest_bytes_per_session": per_token * (ready["slot_length"] + 1), **kv},
+              "levels": list(results.values()), "floors": floors(results)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "load.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "load.md").write_text(markdown(report))
@@ -157,8 +214,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def markdown(report: dict) -> str:
+    kv = report["kv"]
     lines = [f"Tail service under load: {report['model']} split at {report['split_layer']} "
-             f"({report['tail_dtype']} tail)", "",
+             f"({report['tail_weights']} weights, {report['tail_dtype']} KV, {report['provider']}, "
+             f"{report['cpus']} CPUs, load average {report['load_average'][0]:.1f} at the end)", "",
+             f"KV per session: {kv['bytes_per_session'] / 2**20:.1f} MiB for {kv['slot_length']} positions "
+             f"(manifest: {kv['bytes_per_position']} bytes per position x {kv['slot_length'] + 1} = "
+             f"{kv['manifest_bytes_per_session']}); {kv['slots']} slots. KV bytes copied per decode step: "
+             f"{kv['kv_bytes_copied_per_step']:.0f} ({kv['kv_outputs_checked']} KV outputs of {kv['decode_steps']} "
+             f"decode runs of {kv['rows']} rows checked; buffers reallocated: {kv['buffers_reallocated']}).", "",
              "| sessions | aggregate tokens/s | step p50 ms | step p99 ms | prompt p50 ms | prompt p99 ms | errors "
              "| rejected (503) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_S = 10.0
 # Gathering a batch stops when no step arrived for this long (the sessions missing from it may have ended).
-ARRIVAL_GAP_S = 0.004
+ARRIVAL_GAP_S = 0.010
 
 
 @dataclass

@@ -43,3 +43,25 @@ def test_repetition_penalty_demotes_seen_tokens():
 def test_invalid_parameters_are_refused(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
+
+
+def test_a_batch_picks_what_each_row_picks_alone():
+    from splitcore.sampling import choose_batch
+
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((6, 300)).astype(np.float32) * 4
+    params = [SamplingParams(), SamplingParams(temperature=0.7, seed=1),
+              SamplingParams(temperature=1.0, top_k=5, seed=2), SamplingParams(temperature=1.2, top_p=0.6, seed=3),
+              SamplingParams(repetition_penalty=5.0),
+              SamplingParams(temperature=1e-300, seed=4)]
+    histories = [[], [1, 2], [], [7], [int(logits[4].argmax())], []]
+    alone = [Sampler(p).choose(row, h, top_logprobs=3) for p, row, h in zip(params, logits, histories)]
+    together = choose_batch(logits, [Sampler(p) for p in params], histories, [3] * 6)
+    assert [c.token for c in together] == [c.token for c in alone]
+    assert [c.logprob for c in together] == pytest.approx([c.logprob for c in alone])
+    assert together[4].token != int(logits[4].argmax())  # the penalty demoted the best token
+    assert together[5].token == int(logits[5].argmax())  # a vanishing temperature is greedy, not an overflow
+    # top_logprobs beyond top_k: only the tokens that can be drawn, all finite.
+    assert len(together[2].top) == 3 and all(np.isfinite(lp) for _, lp in together[2].top)
+    few = Sampler(SamplingParams(temperature=1.0, top_k=1, seed=0)).choose(logits[0], top_logprobs=5)
+    assert few.top == [(few.token, 0.0)] and few.logprob == 0.0
