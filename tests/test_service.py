@@ -84,6 +84,27 @@ def test_greedy_over_http_equals_in_process_split(tiny, service):
     link.close()
 
 
+def test_greedy_over_http_equals_transformers_generate(tiny, service, torch_model):
+    """The whole chain at once: service == in-process split (above) == transformers.generate (tests/test_parity.py)."""
+    import torch
+
+    _, client, _ = tiny
+    loaded = torch_model(TINY)
+    eos = client.manifest.tokenizer.eos_token_ids
+    prompt = loaded.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Split inference keeps text local."}], add_generation_prompt=True
+    )["input_ids"]
+    with torch.no_grad():
+        out = loaded.model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                    max_new_tokens=24, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    row = out[0, len(prompt):].tolist()
+    expected = row[: next((i for i, t in enumerate(row) if t in eos), len(row))]
+    link = remote(client, service)
+    got = [c.token for c in SplitGenerator(HeadRunner(client), link, prefill_chunk=7).generate(prompt, 24, eos)]
+    link.close()
+    assert got == expected and len(set(got)) >= 8, (got, expected)
+
+
 def test_seeded_sampling_is_deterministic_and_equals_the_client_sampler(tiny, service):
     _, client, server = tiny
     params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, repetition_penalty=1.3, seed=3)
