@@ -1,7 +1,8 @@
 """The bundles a benchmark needs, exported (or found up to date) with ``python -m export`` in a child process.
 
-One export per model holds the split and the unsplit graph (``--full``); a second holds the int8 head. Exporting
-in a child keeps PyTorch's memory out of the benchmark's processes.
+One export per model and weight scheme (``--weights``), each holding the split and the unsplit graph (``--full``).
+A quantized export that falls below its quality floor fails; that is a finding about the scheme on this model, so
+it is recorded and the run goes on without it. Exporting in a child keeps PyTorch's memory out of the benchmark.
 """
 
 from __future__ import annotations
@@ -9,37 +10,61 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from splitcore.errors import SplitError
+from splitcore.manifest import load_bundle
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass
 class ModelBundles:
     model: str
-    split: Path  # holds client/, server/ and full/
-    int8: Path | None  # client/ with the int8 head, server/
-    int8_missing: str | None = None  # why there is no int8 bundle
+    split_layer: int
+    by_weights: dict[str, Path] = field(default_factory=dict)  # scheme -> export dir holding client/ server/ full/
+    missing: dict[str, str] = field(default_factory=dict)  # scheme -> why it has no bundle
+
+    @property
+    def reference(self) -> Path:
+        """The fp32 export when there is one (the parity reference), else the first."""
+        return self.by_weights.get("fp32") or next(iter(self.by_weights.values()))
 
 
-def prepare(model: str, split_layer: int, root: Path, int8: bool = True) -> ModelBundles:
-    name = model.replace("random:", "random-").rstrip("/").split("/")[-1].removesuffix(".gguf")
-    split = root / f"{name}-k{split_layer}"
-    _export(["--model", model, "--split-layer", str(split_layer), "--full", "--out", str(split)])
-    if not int8:
-        return ModelBundles(model, split, None)
-    quantized = root / f"{name}-k{split_layer}-int8"
-    try:
-        _export(["--model", model, "--split-layer", str(split_layer), "--quantize-head", "int8", "--out",
-                 str(quantized)])
-    except SplitError as e:
-        # An int8 head that fails its accuracy floor is a finding about the model, not a reason to stop the run.
-        log.warning("%s: no int8 head configuration (%s)", model, e)
-        return ModelBundles(model, split, None, f"int8 head export failed its validation ({e})")
-    return ModelBundles(model, split, quantized)
+def bundle_name(model: str) -> str:
+    return model.replace("random:", "random-").rstrip("/").split("/")[-1].removesuffix(".gguf")
+
+
+def prepare(model: str, split_layer: int, root: Path, schemes: list[str]) -> ModelBundles:
+    found = ModelBundles(model, split_layer)
+    for scheme in schemes:
+        out = root / f"{bundle_name(model)}-k{split_layer}-{scheme}"
+        try:
+            _export(["--model", model, "--split-layer", str(split_layer), "--weights", scheme, "--full",
+                     "--out", str(out)])
+        except SplitError as e:
+            if scheme == "fp32":
+                raise
+            log.warning("%s: no %s configuration (%s)", model, scheme, e)
+            found.missing[scheme] = f"export failed (quality floor or error; see the export log): {e}"
+            continue
+        found.by_weights[scheme] = out
+    return found
+
+
+def given(model: str, split_layer: int, paths: list[Path]) -> ModelBundles:
+    """Bundles exported beforehand (``--bundle``, one per weight scheme); the scheme is read from each manifest."""
+    found = ModelBundles(model, split_layer)
+    for path in paths:
+        manifest = load_bundle(path / "client", "client", verify=False).manifest
+        if not (path / "full").is_dir():
+            raise SplitError(f"{path} has no full graph: export it with --full")
+        scheme = manifest.head.weights
+        if scheme in found.by_weights:
+            raise SplitError(f"two --bundle directories with {scheme} weights: {found.by_weights[scheme]}, {path}")
+        found.by_weights[scheme] = path
+    return found
 
 
 def _export(args: list[str]) -> None:

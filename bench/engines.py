@@ -43,10 +43,11 @@ class Config:
     key: str
     label: str
     description: str
-    graph: str  # which bundle the configuration needs: "full", "split", "split-int8" or "torch"
+    weighted: bool  # runs once per weight scheme of our exports (b, c, d); otherwise has weights of its own
+    weights: str = ""  # the weights of an unweighted configuration, for the tables
 
     def unavailable(self) -> str | None:
-        """Why this configuration cannot run here, or None."""
+        """Why this configuration cannot run here, or None (the anchors' reasons come from ``bench.anchors``)."""
         if self.key == "d":
             missing = [m for m in ("services", "client.remote") if not _importable(m)]
             if missing:
@@ -58,14 +59,25 @@ class Config:
 CONFIGS = {
     c.key: c
     for c in (
-        Config("a", "(a) transformers fp32", "transformers generate(), PyTorch fp32, the whole model", "torch"),
-        Config("b", "(b) ONNX, one graph", "the whole model as one ONNX graph in one onnxruntime session", "full"),
-        Config("c", "(c) split, in process", "head + tail graphs in one process (SplitGenerator + LocalTail)",
-               "split"),
-        Config("c8", "(c8) split, int8 head", "as (c) with the int8 dynamically quantized head", "split-int8"),
-        Config("d", "(d) split over HTTP", "client and tail service in separate processes on loopback", "split"),
+        Config("a", "(a) transformers", "transformers generate(), PyTorch fp32, the whole model", False, "fp32"),
+        Config("b", "(b) ONNX, one graph", "the whole model as one ONNX graph in one onnxruntime session", True),
+        Config("c", "(c) split, in process", "head + tail graphs in one process (SplitGenerator + LocalTail)", True),
+        Config("d", "(d) split over HTTP", "client and tail service in separate processes on loopback", True),
+        Config("llama.cpp", "llama.cpp", "llama-cpp-python on the GGUF the smollm2 export reads", False, "Q4_1"),
+        Config("genai", "onnxruntime-genai", "onnxruntime-genai, its model builder -p int4 -e cpu on the same "
+               "checkpoint", False, "int4"),
     )
 }
+ANCHORS = ("llama.cpp", "genai")
+
+
+def run_key(config: str, weights: str) -> str:
+    """One measured configuration: ``c@int4-mlp``; the unweighted ones keep their own key."""
+    return f"{config}@{weights}" if CONFIGS[config].weighted else config
+
+
+def run_label(config: str, weights: str) -> str:
+    return f"{CONFIGS[config].label}, {weights or CONFIGS[config].weights}"
 
 
 class _Base:
@@ -126,13 +138,10 @@ class OnnxFull(_Base):
         self.runner = FullRunner(load_bundle(bundle / "full", "full"), ["CPUExecutionProvider"])
 
     def generate(self, ids: Sequence[int], new_tokens: int, on_token: OnToken) -> None:
-        cache = self.runner.new_cache()
+        cache = self.runner.new_cache(len(ids) + new_tokens)
         chunk = np.asarray([ids], dtype=np.int64)
         for _ in range(new_tokens):
-            past, total = cache.length, cache.length + chunk.shape[1]
-            mask = np.ones((1, total), dtype=np.int64)
-            positions = np.arange(past, total, dtype=np.int64)[None, :]
-            logits = self.runner.forward(chunk, mask, positions, cache, logits_to_keep=1)
+            logits = self.runner.forward(chunk, cache, logits_to_keep=1)
             token = int(np.argmax(logits[0, -1]))
             on_token(token)
             chunk = np.asarray([[token]], dtype=np.int64)
@@ -182,20 +191,52 @@ class HttpSplit(_Base):
         self.service.stop()
 
 
-def build(key: str, bundle: Path, int8_bundle: Path | None, model: str, seed: int) -> Engine:
-    if key == "a":
-        return TransformersGenerate(model, seed)
-    if key == "b":
-        return OnnxFull(bundle)
-    if key == "c":
-        return LocalSplit(bundle)
-    if key == "c8":
-        if int8_bundle is None:
-            raise ValueError("config c8 needs an int8 bundle")
-        return LocalSplit(int8_bundle)
-    if key == "d":
-        return HttpSplit(bundle)
-    raise ValueError(f"unknown configuration {key!r}; choose from {sorted(CONFIGS)}")
+class LlamaCpp(_Base):
+    """llama-cpp-python's own generate loop (greedy sampler, no EOS stop), every core for prompt and decode."""
+
+    def __init__(self, gguf: Path, context: int = 2048) -> None:
+        from llama_cpp import Llama
+
+        threads = os.cpu_count() or 1
+        self.llm = Llama(model_path=str(gguf), n_ctx=context, n_threads=threads, n_threads_batch=threads,
+                         verbose=False)
+
+    def generate(self, ids: Sequence[int], new_tokens: int, on_token: OnToken) -> None:
+        self.llm.reset()  # no prefix reuse from the previous run: every run prefills its whole prompt
+        for count, token in enumerate(self.llm.generate(list(ids), temp=0.0, top_k=1, reset=True), start=1):
+            on_token(int(token))
+            if count == new_tokens:
+                break
+
+
+class GenaiInt4(_Base):
+    """onnxruntime-genai's Generator on the model its builder wrote; ``min_length`` keeps it past EOS."""
+
+    def __init__(self, model_dir: Path) -> None:
+        import onnxruntime_genai as og
+
+        self.og = og
+        self.model = og.Model(str(model_dir))
+
+    def generate(self, ids: Sequence[int], new_tokens: int, on_token: OnToken) -> None:
+        params = self.og.GeneratorParams(self.model)
+        total = len(ids) + new_tokens
+        params.set_search_options(do_sample=False, max_length=total, min_length=total)
+        generator = self.og.Generator(self.model, params)
+        generator.append_tokens(list(ids))
+        for _ in range(new_tokens):
+            generator.generate_next_token()
+            on_token(int(generator.get_next_tokens()[0]))
+
+
+def build(key: str, path: Path, model: str, seed: int) -> Engine:
+    """``path``: the export directory for a, b, c, d; the GGUF for llama.cpp; the builder's output for genai."""
+    engines = {"a": lambda: TransformersGenerate(model, seed), "b": lambda: OnnxFull(path),
+               "c": lambda: LocalSplit(path), "d": lambda: HttpSplit(path), "llama.cpp": lambda: LlamaCpp(path),
+               "genai": lambda: GenaiInt4(path)}
+    if key not in engines:
+        raise ValueError(f"unknown configuration {key!r}; choose from {sorted(CONFIGS)}")
+    return engines[key]()
 
 
 def _importable(module: str) -> bool:

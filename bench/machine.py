@@ -63,6 +63,14 @@ def peak_rss_bytes(pid: int) -> int | None:
     return None
 
 
+def load_average() -> list[float] | None:
+    """1, 5 and 15 minute load averages: on a shared machine, how busy it was around the measurement."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def available_memory_bytes() -> int:
     return _meminfo("MemAvailable")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 
-from bench.engines import CONFIGS
+from bench.engines import run_key, run_label
 from bench.roofline import bandwidth_share
 
 
@@ -12,13 +12,15 @@ def spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def summarize(key: str, samples: list[dict], weight_bytes: float, bandwidth_gb_s: float,
+def summarize(config: str, weights: str, samples: list[dict], weight_bytes: float, bandwidth_gb_s: float,
               reference_tokens: list[int] | None) -> dict:
     n = samples[0]["new_tokens"]
     decode = [(n - 1) / s["decode_s"] for s in samples if s["decode_s"] > 0]
     row = {
-        "config": key,
-        "label": CONFIGS[key].label,
+        "key": run_key(config, weights),
+        "config": config,
+        "weights": weights,
+        "label": run_label(config, weights),
         "prompt_tokens": samples[0]["prompt_tokens"],
         "new_tokens": n,
         "ttft_s": spread([s["ttft_s"] for s in samples]),

@@ -57,8 +57,7 @@ def main() -> int:
     from bench.engines import build
 
     try:
-        int8 = Path(spec["int8_bundle"]) if spec.get("int8_bundle") else None
-        engine = build(spec["config"], Path(spec["bundle"]), int8, spec["model"], spec["seed"])
+        engine = build(spec["config"], Path(spec["path"]), spec["model"], spec["seed"])
     except Exception as e:  # report any build failure to the orchestrator instead of dying silently
         traceback.print_exc()
         protocol.write(json.dumps({"error": f"{type(e).__name__}: {e}"}) + "\n")

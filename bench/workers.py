@@ -18,10 +18,9 @@ class WorkerError(SplitError):
 
 
 class Worker:
-    def __init__(self, config: str, bundle: Path, int8_bundle: Path | None, model: str, seed: int) -> None:
-        spec = {"config": config, "bundle": str(bundle), "int8_bundle": str(int8_bundle) if int8_bundle else None,
-                "model": model, "seed": seed}
-        self.config = config
+    def __init__(self, config: str, label: str, path: Path, model: str, seed: int) -> None:
+        spec = {"config": config, "path": str(path), "model": model, "seed": seed}
+        self.config = label
         self.process = subprocess.Popen(
             [sys.executable, "-m", "bench.worker", json.dumps(spec)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,

@@ -14,11 +14,13 @@ from splitcore.noise import BoundaryNoise
 
 
 def head_states(head: HeadRunner, ids: np.ndarray) -> np.ndarray:
-    """Token ids [batch, seq] from position 0, unpadded -> hidden states [batch, seq, hidden] as float32."""
+    """Token ids [batch, seq] from position 0, unpadded -> hidden states [batch, seq, hidden] as float32.
+
+    One run over a fresh pool of ``batch`` slots, every row a whole sequence (the graph's prefill path)."""
     batch, seq = ids.shape
-    mask = np.ones((batch, seq), dtype=np.int64)
-    positions = np.tile(np.arange(seq, dtype=np.int64), (batch, 1))
-    return head.forward(ids, mask, positions, head.new_cache(batch)).astype(np.float32)
+    pool = head.new_pool(batch, seq)
+    totals = np.full(batch, seq, dtype=np.int64)
+    return head.run(np.ascontiguousarray(ids, dtype=np.int64), pool, 0, totals).astype(np.float32)
 
 
 def sent_states(head: HeadRunner, prompts: list[list[int]], noise: BoundaryNoise | None) -> list[np.ndarray]:

@@ -28,8 +28,7 @@ class TextLogits:
         hidden = head_states(self.head, batch)
         if noise is not None:
             hidden = noise(hidden)
-        mask, positions = np.ones_like(batch), np.arange(len(ids), dtype=np.int64)[None, :]
-        out = self.tail.forward(hidden, mask, positions, self.tail.new_cache(1), logits_to_keep=0)
+        out = self.tail.forward(hidden, self.tail.new_cache(len(ids)), logits_to_keep=0)
         return (self.lm_head.forward(out) if self.lm_head is not None else out)[0].astype(np.float64)
 
 

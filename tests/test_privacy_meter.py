@@ -71,3 +71,43 @@ def test_cli_writes_json_markdown_and_chart(export_bundle, tmp_path):
     assert [row["sigma"] for row in data["noise"]["sweep"]] == [0.0, 1.0]
     assert "| replay search |" in (out / "privacy.md").read_text()
     assert (out / "privacy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_batched_head_states_equal_one_sequence_at_a_time(export_bundle):
+    """The meter runs many sequences in one batched prefill; each row must be what the client's own head sends."""
+    import numpy as np
+
+    from privacy.boundary import head_states
+    from splitcore.graphs import HeadRunner
+
+    client, _ = bundles(export_bundle(TINY, 2))
+    head = HeadRunner(client, ["CPUExecutionProvider"])
+    ids = np.random.default_rng(0).integers(0, client.manifest.model.vocab_size, (3, 10))
+    batched = head_states(head, ids)
+    for row in range(3):
+        alone = head.forward(ids[row : row + 1], head.new_cache(10))
+        np.testing.assert_allclose(batched[row], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_replay_in_several_trial_batches_recovers_the_prompt_exactly(export_bundle, monkeypatch):
+    """With every token tried (candidates 0) and fewer trial slots than the vocabulary, the candidates run in
+    turns, each from a fresh copy of the prefix's KV: the noise-free prompt comes back token for token."""
+    import numpy as np
+
+    from privacy.attacks import replay as replay_module
+    from privacy.boundary import head_states
+    from splitcore.graphs import HeadRunner
+
+    monkeypatch.setattr(replay_module, "TRIAL_SLOTS", 100)
+    client, _ = bundles(export_bundle(TINY, 2))
+    head = HeadRunner(client, ["CPUExecutionProvider"])
+    vocab = client.manifest.model.vocab_size
+    rng = np.random.default_rng(1)
+    embedding = rng.standard_normal((vocab, 8)).astype(np.float32)
+    inverter = Inverter(embedding).fit(rng.standard_normal((64, client.manifest.model.hidden_size)),
+                                       rng.integers(0, vocab, 64))
+    prompt = rng.integers(0, vocab, 6)
+    observed = head_states(head, prompt[None, :])[0]
+    replayed = replay_module.replay(head, inverter, observed, candidates=0)
+    assert replayed.tokens == prompt.tolist()
+    assert all(replayed.exact)

@@ -20,10 +20,11 @@ import numpy as np
 from privacy.attacks.inverter import Inverter
 from privacy.boundary import head_states
 from splitcore.graphs import HeadRunner
-from splitcore.kvcache import KVCache
+from splitcore.kvpool import KVPool
 
 EXACT = 1e-3  # relative distance under which a replayed state counts as an exact reproduction
 TABLE_BATCH = 1024
+TRIAL_SLOTS = 512  # candidates run in one batched step; more are run in several (bounds the trial pool's memory)
 
 
 @dataclass
@@ -38,15 +39,28 @@ def first_position_table(head: HeadRunner, vocab: int) -> np.ndarray:
     return np.concatenate([head_states(head, ids[i : i + TABLE_BATCH])[:, 0] for i in range(0, vocab, TABLE_BATCH)])
 
 
-def _step(head: HeadRunner, cache: KVCache, t: int, ids: np.ndarray) -> tuple[np.ndarray, KVCache]:
-    """Run candidate ids [n] at position t after the cached prefix: their states [n, hidden] and the grown caches."""
-    batch = len(ids)
-    trial = KVCache([np.repeat(k, batch, axis=0) for k in cache.keys],
-                    [np.repeat(v, batch, axis=0) for v in cache.values])
-    mask = np.ones((batch, t + 1), dtype=np.int64)
-    positions = np.full((batch, 1), t, dtype=np.int64)
-    states = head.forward(ids[:, None].astype(np.int64), mask, positions, trial)[:, 0].astype(np.float32)
-    return states, trial
+def _step(head: HeadRunner, prefix: KVPool, trial: KVPool, ids: np.ndarray) -> np.ndarray:
+    """Run candidate ids [n] at the position after the recovered prefix: their states [n, hidden].
+
+    Each candidate gets a trial slot holding a copy of the prefix's KV (the pool is on the CPU, so its slots are
+    numpy views), and all of them run as one batched decode step; more candidates than slots run in turns."""
+    states = []
+    for lo in range(0, len(ids), trial.slots):
+        chunk = ids[lo : lo + trial.slots]
+        _seed(trial, prefix, len(chunk))
+        out = head.decode(chunk[:, None].astype(np.int64), trial, list(range(len(chunk))))
+        states.append(out[:, 0].astype(np.float32))
+    return np.concatenate(states)
+
+
+def _seed(trial: KVPool, prefix: KVPool, rows: int) -> None:
+    length = prefix.length(0)
+    trial.lengths[:rows] = length
+    for layer in range(prefix.shape.layers):
+        for kind in (0, 1):
+            source = prefix.host_view(layer, kind, 0)
+            for slot in range(rows):
+                trial.host_view(layer, kind, slot)[...] = source
 
 
 def _relative(states: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -64,23 +78,23 @@ def replay(head: HeadRunner, inverter: Inverter, observed: np.ndarray, candidate
     tried = vocab if candidates == 0 else min(candidates, vocab)
     widest = max(tried, min(fallback, vocab))
     proposals = inverter.top(observed, widest)
-    cache = head.new_cache(1)
+    prefix = head.new_cache(len(observed))
+    trial = head.new_pool(min(widest, TRIAL_SLOTS), len(observed))
+    if trial.device != "cpu":
+        raise ValueError(f"replay copies KV through host memory; run the head on the CPU, not {trial.device}")
     tokens, exact = [], []
     for t, target in enumerate(observed):
         if t == 0 and first is not None:
             ids = np.asarray([int(_relative(first, target).argmin())])
         else:
             ids = proposals[t][:tried]
-        states, trial = _step(head, cache, t, ids)
-        distance = _relative(states, target)
+        distance = _relative(_step(head, prefix, trial, ids), target)
         if distance.min() >= EXACT and widest > tried and not (t == 0 and first is not None):
-            more_states, more_trial = _step(head, cache, t, proposals[t][tried:widest])
             ids = proposals[t][:widest]
-            distance = np.concatenate([distance, _relative(more_states, target)])
-            trial = KVCache([np.concatenate([a, b]) for a, b in zip(trial.keys, more_trial.keys)],
-                            [np.concatenate([a, b]) for a, b in zip(trial.values, more_trial.values)])
+            more = _step(head, prefix, trial, proposals[t][tried:widest])
+            distance = np.concatenate([distance, _relative(more, target)])
         best = int(distance.argmin())
         tokens.append(int(ids[best]))
         exact.append(bool(distance[best] < EXACT))
-        cache = KVCache([k[best : best + 1] for k in trial.keys], [v[best : best + 1] for v in trial.values])
+        head.forward(np.asarray([[tokens[-1]]], dtype=np.int64), prefix)  # the prefix grows by the chosen token
     return Replayed(tokens, exact)
