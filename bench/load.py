@@ -36,6 +36,40 @@ from splitcore.manifest import Bundle, load_bundle
 log = logging.getLogger("bench.load")
 
 
+class Connection:
+    """One keep-alive HTTP/1.1 connection, as little client as a load generator on the service's own cores can be
+    (httpx costs a millisecond or more of CPU per request, taken from the service it measures)."""
+
+    def __init__(self, host: str, port: int, headers: dict[str, str]) -> None:
+        self.host, self.port = host, port
+        self.fixed = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def request(self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
+                      ) -> tuple[int, dict[str, str], bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+        head = (f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\n{self.fixed}{extra}"
+                f"Content-Length: {len(body)}\r\n\r\n")
+        self.writer.write(head.encode() + body)
+        status_line = await self.reader.readuntil(b"\r\n")
+        fields = {}
+        while (line := await self.reader.readuntil(b"\r\n")) != b"\r\n":
+            name, _, value = line.decode().partition(":")
+            fields[name.strip().lower()] = value.strip()
+        data = await self.reader.readexactly(int(fields.get("content-length", 0)))
+        if fields.get("connection") == "close":
+            await self.close()
+        return int(status_line.split()[1]), fields, data
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.reader = self.writer = None
+
+
 @dataclass
 class Level:
     sessions: int
@@ -64,26 +98,27 @@ class Level:
         }
 
 
-async def one_session(http: httpx.AsyncClient, sha: str, prompt: bytes, step: bytes, prompt_len: int,
+async def one_session(http: Connection, sha: str, prompt: bytes, step: bytes, prompt_len: int,
                       steps: int, level: Level) -> None:
-    opened = await http.post(protocol.SESSIONS_PATH, json={"manifest_sha256": sha,
-                                                           "max_length": prompt_len + steps})
-    if opened.status_code == 503:
+    opening = json.dumps({"manifest_sha256": sha, "max_length": prompt_len + steps}).encode()
+    status, fields, data = await http.request("POST", protocol.SESSIONS_PATH, opening,
+                                              {"Content-Type": "application/json"})
+    if status == 503:
         level.rejected += 1
-        level.retry_after_missing += "Retry-After" not in opened.headers
+        level.retry_after_missing += "retry-after" not in fields
         return
-    if opened.status_code != 201:
-        level.errors[str(opened.status_code)] = level.errors.get(str(opened.status_code), 0) + 1
+    if status != 201:
+        level.errors[str(status)] = level.errors.get(str(status), 0) + 1
         return
-    sid = opened.json()["session_id"]
+    sid = json.loads(data)["session_id"]
     position = 0
     try:
         for body in [prompt] + [step] * steps:
             started = time.perf_counter()
-            answer = await http.post(protocol.steps_path(sid), content=body, headers={
+            status, _, _ = await http.request("POST", protocol.steps_path(sid), body, {
                 "Content-Type": wire.MEDIA_TYPE, protocol.PAST_LENGTH_HEADER: str(position)})
-            if answer.status_code != 200:
-                level.errors[str(answer.status_code)] = level.errors.get(str(answer.status_code), 0) + 1
+            if status != 200:
+                level.errors[str(status)] = level.errors.get(str(status), 0) + 1
                 return
             if position:  # decode steps; the prompt is prefill (time to first token)
                 level.step_latencies_s.append(time.perf_counter() - started)
@@ -92,7 +127,8 @@ async def one_session(http: httpx.AsyncClient, sha: str, prompt: bytes, step: by
                 level.prompt_latencies_s.append(time.perf_counter() - started)
             position += prompt_len if not position else 1
     finally:
-        await http.delete(f"{protocol.SESSIONS_PATH}/{sid}")
+        await http.request("DELETE", f"{protocol.SESSIONS_PATH}/{sid}")
+        await http.close()
 
 
 async def run_level(url: str, sha: str, hidden: int, sessions: int, prompt_len: int, steps: int,
@@ -101,16 +137,15 @@ async def run_level(url: str, sha: str, hidden: int, sessions: int, prompt_len: 
     prompt = wire.encode(rng.standard_normal((1, prompt_len, hidden)).astype(np.float16))
     step = wire.encode(rng.standard_normal((1, 1, hidden)).astype(np.float16))
     level = Level(sessions)
-    limits = httpx.Limits(max_connections=sessions + 4)
-    async with httpx.AsyncClient(base_url=url, headers={protocol.MANIFEST_HEADER: sha}, limits=limits,
-                                 timeout=limit_s) as http:
-        started = time.perf_counter()
-        work = [one_session(http, sha, prompt, step, prompt_len, steps, level) for _ in range(sessions)]
-        try:
-            await asyncio.wait_for(asyncio.gather(*work), timeout=limit_s)
-        except TimeoutError:
-            level.errors["timeout"] = level.errors.get("timeout", 0) + 1
-        level.seconds = time.perf_counter() - started
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    connections = [Connection(host, int(port), {protocol.MANIFEST_HEADER: sha}) for _ in range(sessions)]
+    started = time.perf_counter()
+    work = [one_session(c, sha, prompt, step, prompt_len, steps, level) for c in connections]
+    try:
+        await asyncio.wait_for(asyncio.gather(*work), timeout=limit_s)
+    except TimeoutError:
+        level.errors["timeout"] = level.errors.get("timeout", 0) + 1
+    level.seconds = time.perf_counter() - started
     return level
 
 

@@ -63,8 +63,7 @@ class ModelRunner:
             logits = np.stack([w.output[w.keep - w.samples + j] for w in rows]).astype(np.float32, copy=False)
             last = [j == w.samples - 1 for w in rows]
             try:
-                choices = choose_batch(logits, [w.session.sampler for w in rows],
-                                       [w.session.history.tokens() for w in rows],
+                choices = choose_batch(logits, [w.session.sampler for w in rows], [_history(w) for w in rows],
                                        [w.session.top_logprobs if is_last else 0 for w, is_last in zip(rows, last)])
             except Exception as e:  # noqa: BLE001
                 log.exception("sampling %d rows failed", len(rows))
@@ -75,3 +74,9 @@ class ModelRunner:
                 # The position the token was sampled from: a rollback to below it drops it from the history.
                 w.session.history.add(choice.token, w.start + w.seq - w.samples + j)
                 w.choices.append(choice)
+
+
+def _history(work: Work) -> np.ndarray | tuple:
+    """The tokens the repetition penalty looks at (none without a penalty: not worth collecting)."""
+    session = work.session
+    return session.history.tokens() if session.sampler.params.repetition_penalty != 1.0 else ()
