@@ -264,15 +264,19 @@ class Smoke:
         check(wrong.returncode != 0 and "401" in said, "a wrong token is refused with 401", said[-2000:])
 
     def drain(self) -> None:
+        ready = self.tail["readinessProbe"]["httpGet"]["path"]
         poller = subprocess.Popen([self.docker, "exec", self.container, "python", "-c", PROBE,
                                    self.url("readinessProbe"), "loop"], stdout=subprocess.PIPE, text=True)
-        time.sleep(1)
-        started = time.monotonic()
-        self.docker_run(["stop", "-t", str(self.grace), self.container], self.grace + 30)
-        took = time.monotonic() - started
-        statuses = [int(line) for line in poller.communicate(timeout=30)[0].split()]
+        try:
+            time.sleep(1)
+            started = time.monotonic()
+            self.docker_run(["stop", "-t", str(self.grace), self.container], self.grace + 30)
+            took = time.monotonic() - started
+            statuses = [int(line) for line in poller.communicate(timeout=30)[0].split()]
+        finally:
+            poller.kill()
         state = self.state()
-        check(503 in statuses, f"/readyz answers 503 while draining ({statuses.count(503)} polls of 0.2 s)",
+        check(503 in statuses, f"{ready} answers 503 while draining ({statuses.count(503)} polls of 0.2 s)",
               f"statuses {statuses}")
         check(state["ExitCode"] == 0 and took < self.grace,
               f"SIGTERM: exit {state['ExitCode']} after {took:.1f} s (docker stop -t {self.grace}, the pod's grace)",
