@@ -8,6 +8,8 @@ exits 0. The drain lives in the app's lifespan (services/app.py), not in uvicorn
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
 import sys
 import warnings
@@ -45,15 +47,19 @@ def main(argv: list[str] | None = None) -> int:
     # onnxruntime reports a provider or graph it cannot load in several lines of its own on stderr (and a Python
     # warning); the SplitError below says it in one.
     ort.set_default_logger_severity(4)
+    said = io.StringIO()  # onnxruntime prints its provider fallback ("EP Error ...") on stdout
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stdout(said):
             warnings.simplefilter("ignore")
             choose_providers(settings.providers or None)
             bundle = load_bundle(settings.bundle, "server")
             service = load_service(settings, bundle)
     except SplitError as e:
-        print(f"services: error: {e}", file=sys.stderr)
+        causes = (line.strip("* ") for line in said.getvalue().splitlines() if "EP Error" in line)
+        cause = next((c for c in causes if c != "EP Error"), None)  # the reason, not the banner around it
+        print(f"services: error: {e}" + (f" (onnxruntime: {cause[:300]})" if cause else ""), file=sys.stderr)
         return 2
+    sys.stdout.write(said.getvalue())
     server: uvicorn.Server | None = None
 
     def stop() -> None:

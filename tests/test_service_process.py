@@ -225,3 +225,24 @@ def test_idle_and_slow_connections_are_dropped(tiny):
         assert httpx.post(f"{url}/v1/sessions", json={"manifest_sha256": client.manifest_sha256}).status_code == 201
     finally:
         stop(process)
+
+
+def test_a_provider_that_fails_to_start_is_one_line_with_onnxruntimes_reason(tiny, monkeypatch, capsys):
+    """What onnxruntime-gpu does without a usable GPU: prints its fallback banner on stdout, falls back to the CPU,
+    and the runner refuses (active_providers). The user sees one line with the reason, nothing else."""
+    import services.__main__ as entry
+    from splitcore.errors import SplitError
+
+    def failing(settings, bundle):
+        print("*************** EP Error ***************")
+        print("EP Error libcudnn.so.9: cannot open shared object file when using ['CUDAExecutionProvider']")
+        print("Falling back to ['CPUExecutionProvider'] and retrying.")
+        print("****************************************")
+        raise SplitError("onnxruntime could not enable ['CUDAExecutionProvider'] (active: ['CPUExecutionProvider'])")
+
+    monkeypatch.setattr(entry, "load_service", failing)
+    monkeypatch.setattr(entry, "configure", lambda level, fmt: None)
+    assert entry.main(["--bundle", str(tiny[0] / "server")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1, (out, err)
+    assert "could not enable" in err and "libcudnn.so.9" in err
