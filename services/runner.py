@@ -15,6 +15,7 @@ import logging
 import numpy as np
 
 from services.scheduler import Plan, Work
+from splitcore.errors import InvalidRequest
 from splitcore.graphs import TailRunner
 from splitcore.kvpool import KVPool
 from splitcore.sampling import choose_batch
@@ -43,7 +44,9 @@ class ModelRunner:
             work.offset += chunk.size
             if last:
                 work.output = out[0]
-        self._sample([w for w in plan.works if w.output is not None and w.samples and not w.choices])
+                _check_finite(work)
+        self._sample([w for w in plan.works if w.output is not None and w.error is None and w.samples
+                      and not w.choices])
 
     def _decode(self, works: list[Work]) -> None:
         hidden = np.concatenate([w.hidden for w in works], axis=0)
@@ -56,6 +59,7 @@ class ModelRunner:
             return
         for row, w in enumerate(works):
             w.offset, w.output = 1, out[row]
+            _check_finite(w)
 
     def _sample(self, works: list[Work]) -> None:
         for j in range(max((w.samples for w in works), default=0)):
@@ -80,3 +84,11 @@ def _history(work: Work) -> np.ndarray | tuple:
     """The tokens the repetition penalty looks at (none without a penalty: not worth collecting)."""
     session = work.session
     return session.history.tokens() if session.sampler.params.repetition_penalty != 1.0 else ()
+
+
+def _check_finite(work: Work) -> None:
+    """A NaN or inf out of the tail (inputs that overflow a float16 graph inside) fails the step, which the engine
+    then rolls back, instead of answering a meaningless token and keeping a poisoned cache."""
+    if not np.isfinite(work.output).all():
+        work.error = InvalidRequest("the tail's output for these hidden states is not finite (values too large for "
+                                    "its graph?); the step was rolled back")

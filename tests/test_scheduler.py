@@ -15,7 +15,7 @@ from services.metrics import Metrics
 from services.scheduler import Scheduler, Work, chunk_size
 from services.sessions import History, Session
 from services.settings import ServerSettings
-from splitcore.errors import PositionMismatch, SessionNotFound
+from splitcore.errors import InvalidRequest, PositionMismatch, SessionNotFound
 from splitcore.graphs import TailRunner
 from splitcore.sampling import Sampler, SamplingParams
 
@@ -212,3 +212,31 @@ def test_a_failed_run_fails_its_step_rolls_it_back_and_the_loop_goes_on(tail):
     expected = solo(tail, [prompt, nxt.astype(np.float32)])
     parity.assert_close("retried prompt", again.output[-1], expected[0], atol=1e-5, rtol=1e-5)
     parity.assert_close("step after", after.output[-1], expected[1], atol=1e-5, rtol=1e-5)
+
+
+def test_a_non_finite_output_is_refused_and_the_step_rolled_back(tail):
+    size = tail.bundle.manifest.model.hidden_size
+    prompt = np.random.default_rng(5).standard_normal((1, 3, size)).astype(np.float32)
+
+    async def scenario():
+        engine = engine_for(tail)
+        engine.start()
+        opened = await engine.open(OpenRequest(None, SamplingParams(), 0, []))
+        forward = tail.forward
+        poisoned = type("Poisoned", (), {"forward": staticmethod(lambda *a, **k: forward(*a, **k) * np.nan),
+                                         "decode_rows": tail.decode_rows})()
+        engine.runner.tail = poisoned
+        try:
+            await engine.step(request(opened.id, prompt, 0))
+            error = None
+        except InvalidRequest as e:
+            error = e
+        length = engine.pool.length(opened.slot)
+        engine.runner.tail = tail
+        fine = await engine.step(request(opened.id, prompt, 0))
+        await engine.stop()
+        return error, length, fine
+
+    error, length, fine = asyncio.run(scenario())
+    assert error is not None and "not finite" in str(error) and length == 0
+    parity.assert_close("after the refusal", fine.output[-1], solo(tail, [prompt])[0], atol=1e-5, rtol=1e-5)
