@@ -186,8 +186,8 @@ class Engine:
             self._deliver(plan, time.perf_counter() - started)
 
     async def _gather(self) -> None:
-        """Wait briefly for the previous batch's sessions whose next decode step is on its way."""
-        if not self.scheduler.decode:
+        """Wait briefly for the steps of the sessions the previous step answered, which are on their way."""
+        if not self.scheduler.expected():
             return
         deadline = time.monotonic() + self.settings.batch_gather_ms / 1000
         while self.scheduler.expected() and (left := deadline - time.monotonic()) > 0:

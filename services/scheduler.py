@@ -5,9 +5,10 @@ sessions) as one batch first, then chunks of longer steps (prompts, chat turns, 
 budget, several sessions' chunks in the same step when the budget allows. While no other session is decoding a
 prompt runs in one piece, so a lone client's time to first token is not cut up.
 
-The answers of a batch reach their clients together and their next steps trickle back over a few milliseconds:
-``expected`` says how many of the previous batch's sessions have not sent theirs yet, and the engine waits a little
-for them, so that a batch does not split into halves that each wait for the other.
+The answers of a step reach their clients together and their next steps trickle back over a few milliseconds:
+``expected`` says how many of the sessions the previous step answered have not sent theirs yet, and the engine waits
+a little for them (before a decode batch, and before a step of prompt chunks alone), so that a batch does not split
+into halves that each wait for the other, and a decode step does not wait behind a chunk it could have joined.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import numpy as np
 from services.sessions import Session
 from splitcore.sampling import Choice
 
-# Prompts are cut into chunks while another open session decoded this recently.
-DECODING_RECENTLY_S = 1.0
+# Prompts are cut into chunks while another open session stepped this recently (it is generating: its next step is
+# on its way, and must not wait behind whole prompts).
+ACTIVE_RECENTLY_S = 1.0
 
 
 @dataclass(eq=False)
@@ -80,8 +82,8 @@ class Scheduler:
         self.clock = clock
         self.decode: deque[Work] = deque()
         self.prefill: deque[Work] = deque()
-        self.previous_batch: list[Session] = []
-        self.decoded_at: dict[Session, float] = {}
+        self.expecting: list[Session] = []  # answered by the previous step: their next step is on its way
+        self.active_at: dict[Session, float] = {}
 
     def add(self, work: Work) -> None:
         (self.decode if work.seq == 1 else self.prefill).append(work)
@@ -91,7 +93,7 @@ class Scheduler:
 
     def remove(self, session: Session) -> Work | None:
         """Take a closed session's queued step out (it has not run, or ran only some chunks); forget the session."""
-        self.decoded_at.pop(session, None)
+        self.active_at.pop(session, None)
         for queue in (self.decode, self.prefill):
             for work in queue:
                 if work.session is session:
@@ -100,8 +102,9 @@ class Scheduler:
         return None
 
     def expected(self) -> int:
-        """Sessions of the previous decode batch, still open, whose next step has not arrived yet."""
-        return sum(1 for s in self.previous_batch if s.open and not s.busy)
+        """Sessions the previous step answered (decode rows and finished prompts), still open, whose next step has
+        not arrived yet."""
+        return sum(1 for s in self.expecting if s.open and not s.busy)
 
     def plan(self) -> Plan:
         plan = Plan()
@@ -109,12 +112,11 @@ class Scheduler:
             plan.decode.append(self.decode.popleft())
         now = self.clock()
         if plan.decode:
-            self.previous_batch = [w.session for w in plan.decode]
-            self.decoded_at.update((w.session, now) for w in plan.decode)
-        self.decoded_at = {s: t for s, t in self.decoded_at.items() if now - t < DECODING_RECENTLY_S and s.open}
+            self.active_at.update((w.session, now) for w in plan.decode)
+        self.active_at = {s: t for s, t in self.active_at.items() if now - t < ACTIVE_RECENTLY_S and s.open}
         prefilling = {w.session for w in self.prefill}
-        others_decode = any(s not in prefilling for s in self.decoded_at)
-        budget = max(self.token_budget - len(plan.decode), 1) if others_decode else None
+        others_active = any(s not in prefilling for s in self.active_at)
+        budget = max(self.token_budget - len(plan.decode), 1) if others_active else None
         for work in self.prefill:
             if budget is not None and budget <= 0:
                 break
@@ -125,10 +127,15 @@ class Scheduler:
         return plan
 
     def finish(self, plan: Plan) -> None:
-        """After the run: steps whose last chunk ran (or that failed) leave the prefill queue."""
+        """After the run: steps whose last chunk ran (or that failed) leave the prefill queue; a session whose prompt
+        just finished is about to decode, so from now on other prompts are chunked for it too."""
+        now = self.clock()
+        self.expecting = [w.session for w in plan.decode]
         for chunk in plan.chunks:
             if chunk.work.finished and chunk.work in self.prefill:
                 self.prefill.remove(chunk.work)
+                self.active_at[chunk.work.session] = now
+                self.expecting.append(chunk.work.session)
 
 
 def chunk_size(work: Work, budget: int | None) -> int:

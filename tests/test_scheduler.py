@@ -74,6 +74,15 @@ def test_a_prompt_runs_whole_when_no_other_session_decodes():
     assert [c.size for c in run(scheduler).chunks] == [43]
 
 
+def test_a_session_that_just_finished_its_prompt_is_not_kept_waiting_behind_whole_prompts():
+    scheduler = Scheduler(max_batch=8, token_budget=4, clock=lambda: 0.0)
+    first, second = session(0), session(1)
+    scheduler.add(work(first, 20))
+    assert [c.size for c in run(scheduler).chunks] == [20]  # nobody else: whole
+    scheduler.add(work(second, 20))  # arrived while the first prompt ran; the first session's decode is on its way
+    assert [c.size for c in run(scheduler).chunks] == [4]
+
+
 @pytest.mark.parametrize(("seq", "offset", "keep", "budget", "size"),
                          [(10, 0, 4, 8, 6), (10, 0, 1, 8, 8), (10, 6, 4, 2, 4), (5, 0, 5, 2, 5), (10, 0, 3, None, 10)])
 def test_the_kept_positions_run_in_one_chunk(seq, offset, keep, budget, size):
