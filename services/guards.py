@@ -133,7 +133,8 @@ def guarded_protocol(head_timeout_s: float) -> type[H11Protocol]:
             awaited = self.cycle  # the head has arrived once uvicorn starts a new request cycle
 
             def expire() -> None:
-                if self.cycle is awaited and not self.transport.is_closing():
+                idle = self.cycle is None or self.cycle.response_complete  # never cut a request being served
+                if self.cycle is awaited and idle and not self.transport.is_closing():
                     log.debug("closing a connection that sent no request head in %.0f s", head_timeout_s)
                     self.transport.close()
 
