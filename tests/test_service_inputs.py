@@ -304,3 +304,14 @@ def test_an_error_answer_keeps_the_connection_for_the_clients_delete(tiny):
         with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
             assert roundtrip(raw, post_step(ids[1], frame(size))).startswith(b"HTTP/1.1 500")
             assert roundtrip(raw, delete(ids[1])).startswith(b"HTTP/1.1 204")  # ... and the DELETE still arrives
+
+
+def test_an_announced_oversized_body_is_refused_before_it_is_read(service):
+    """30 MB announced on either route: 413 at once, from the headers alone (nothing of the body is sent here)."""
+    port = int(service.rsplit(":", 1)[1])
+    for path in (protocol.SESSIONS_PATH, protocol.steps_path("any")):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            raw.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        f"Content-Length: 30000000\r\n\r\n".encode())
+            answer = raw.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 413") and b"exceeds the limit" in answer, answer
