@@ -29,12 +29,21 @@ PROVIDERS = [
     pytest.param("CUDAExecutionProvider", marks=[pytest.mark.gpu, pytest.mark.skipif(
         not CUDA_AVAILABLE, reason="needs onnxruntime-gpu with the CUDA execution provider")]),
 ]
-TOLERANCE = {"CPUExecutionProvider": 1e-5, "CUDAExecutionProvider": 1e-3}
+# CUDA runs the fp16 tail (onnxruntime's CUDA GroupQueryAttention is fp16); each is compared with itself alone.
+TOLERANCE = {"CPUExecutionProvider": 1e-5, "CUDAExecutionProvider": 2e-2}
+WEIGHTS = {"CPUExecutionProvider": "fp32", "CUDAExecutionProvider": "fp16"}
 
 
 @pytest.fixture(scope="module")
 def tiny(export_bundle):
     out = export_bundle(TINY, 2)
+    return (out, *bundles(out))
+
+
+@pytest.fixture
+def for_provider(export_bundle, request):
+    """(out, client, server) of the tiny bundle the parametrized provider runs."""
+    out = export_bundle(TINY, 2, weights=WEIGHTS[request.getfixturevalue("provider")])
     return (out, *bundles(out))
 
 
@@ -74,10 +83,10 @@ def solo_logits(tail: TailRunner, steps: list[np.ndarray]) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_the_batch_crash_sequence_gives_each_session_its_solo_logits(tiny, provider):
+def test_the_batch_crash_sequence_gives_each_session_its_solo_logits(for_provider, provider):
     """Sessions A, B, C decode together, C sends a multi-position step (a new chat turn) while A and B decode, then
     two other sessions decode together, then all five: the sequence that crashed the padded-batch design."""
-    _, client, server = tiny
+    _, client, server = for_provider
     sha, size = client.manifest_sha256, client.manifest.model.hidden_size
     rng = np.random.default_rng(7)
     names = "ABCDE"
@@ -119,8 +128,8 @@ def test_the_batch_crash_sequence_gives_each_session_its_solo_logits(tiny, provi
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_sessions_opened_and_closed_while_eight_decode_do_not_change_their_tokens(tiny, provider):
-    out, client, server = tiny
+def test_sessions_opened_and_closed_while_eight_decode_do_not_change_their_tokens(for_provider, provider):
+    out, client, server = for_provider
     prompts = [list(range(start, start + 10 + start % 7)) for start in (20, 41, 77, 103, 150, 199, 230, 260)]
     head = HeadRunner(client)
     local = TailRunner(server, [provider])
