@@ -3,8 +3,9 @@
 HTTP handlers only parse, call ``open`` / ``close`` / ``step`` (which put a command in the inbox and await its
 answer) and format. The loop task alone applies commands, between runs: a session closed while its step waited is
 answered 404, a step is checked against the session's positions at the moment it is accepted, and nothing changes
-a slot while the worker thread runs on it. Runs never overlap (one worker thread); a lone session's step runs on
-the loop itself, since nobody else waits and a thread hop is pure cost.
+a slot while the worker thread runs on it. Runs never overlap (one worker thread); a lone session's decode step runs
+on the loop itself, since nobody else waits and a thread hop is pure cost (prompts, which can take seconds, always
+go to the worker, so /healthz keeps answering).
 
 A watchdog (a done-callback on the loop and sweep tasks) turns an unexpected end of either into ``failed``: /healthz
 then answers 503 (so Kubernetes restarts the pod) and every waiting or later request gets 503 at once, not a hang.
@@ -177,8 +178,8 @@ class Engine:
                 continue
             started = time.perf_counter()
             self.running = plan
-            if len(self.table.sessions) == 1:
-                self.runner.execute(plan)
+            if len(self.table.sessions) == 1 and not plan.chunks:
+                self.runner.execute(plan)  # one decode row: short, and nobody else waits for the loop
             else:
                 await asyncio.get_running_loop().run_in_executor(self.worker, self.runner.execute, plan)
             self.running = None
