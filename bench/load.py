@@ -162,7 +162,7 @@ def kv_copy_check(server: Bundle, rows: int = 16, steps: int = 8, length: int = 
     rng = np.random.default_rng(0)
     for slot in slots:
         tail.forward(rng.standard_normal((1, 16, size)).astype(tail.dtype), pool, slot)
-    buffers = [(v.data_ptr(), v.data_ptr() + pool.slots * pool.slot_bytes) for v in pool._values]
+    buffers = pool.buffer_addresses()
     copied = outputs = 0
     for _ in range(steps):
         binding = tail.session.io_binding()

@@ -111,6 +111,12 @@ class KVPool:
             binding.bind_input(name, self.device, self.device_id, self.shape.dtype, dims, pointer)
             binding.bind_output(out, self.device, self.device_id, self.shape.dtype, dims, pointer)
 
+    def buffer_addresses(self) -> list[tuple[int, int]]:
+        """(start, end) device addresses of every key and value buffer, in layer order: a step that allocated or
+        copied KV would leave its output outside them. For tests and the load benchmark's copy counter."""
+        size = self.slots * self.slot_bytes
+        return [(value.data_ptr(), value.data_ptr() + size) for value in self._values]
+
     def host_view(self, layer: int, kind: int, slot: int) -> np.ndarray:
         """Keys (kind 0) or values (kind 1) of one layer (0-based within the graph) of one slot, [kv_heads, length,
         head_dim]: a view on CPU, a copy elsewhere. For tests and debugging."""

@@ -9,6 +9,7 @@ A [1, 1, 576] fp16 hidden state is 20 bytes of framing plus 1152 bytes of data.
 
 from __future__ import annotations
 
+import math
 import struct
 
 import numpy as np
@@ -47,7 +48,7 @@ def decode(body: bytes) -> np.ndarray:
         raise WireError(f"frame declares rank {rank} but ends before its dimensions")
     shape = struct.unpack_from(f"<{rank}I", body, _HEADER.size)
     dtype = DTYPE_CODES[code]
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: dims whose product overflows int64 stay large
     if len(body) - dims_end != expected:
         raise WireError(
             f"frame of shape {list(shape)} {dtype.name} needs {expected} data bytes, got {len(body) - dims_end}"
