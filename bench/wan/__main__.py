@@ -137,6 +137,18 @@ def measure_on_loopback(args: argparse.Namespace, raw: Path) -> tuple[dict, str]
     return result, "loopback (127.0.0.1), RTT added by the delay proxy"
 
 
+def code_version() -> str:
+    """The commit the run measured, and whether the client, service or core had uncommitted changes then."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "client", "services", "splitcore"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown (no git)"
+    return f"{commit or 'unknown'}{' + uncommitted changes in client/, services/ or splitcore/' if dirty else ''}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -147,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     signal.signal(signal.SIGTERM, _on_sigterm)
     load_before = os.getloadavg()
+    started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    code = code_version()
     why = None if args.loopback else netns.why_not()
     if why:
         log.warning("wan: cannot make network namespaces (%s): measuring on loopback with the delay proxy", why)
@@ -172,11 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     load_after = os.getloadavg()
     info = machine.describe()
     result["meta"] = {
-        "when": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "when": started,
         "machine": f"{info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB",
         "load_before": " ".join(f"{x:.2f}" for x in load_before),
         "load_after": " ".join(f"{x:.2f}" for x in load_after),
         "link_description": link,
+        "code": code,
         "notes": notes,
     }
     summary = report.write(result, args.out)

@@ -143,9 +143,10 @@ def markdown(result: dict, summary: dict) -> str:
     table = summary["table"]
     lines = [
         "# WAN benchmark (`make bench-wan`)", "",
-        f"- {meta.get('when', '')}; bundle `{result['bundle']}`; greedy, up to {result['new_tokens']} new tokens "
-        "per prompt, EOS stops a turn",
+        f"- started {meta.get('when', '?')}; bundle `{result['bundle']}`; greedy, up to {result['new_tokens']} new "
+        "tokens per prompt, EOS stops a turn",
         f"- link: {meta.get('link_description', result['link'])}",
+        f"- code: commit {meta.get('code', '?')}",
         f"- machine: {meta.get('machine', '')}; load average before {meta.get('load_before', '?')}, "
         f"after {meta.get('load_after', '?')}",
         f"- prompts: {len({(r['kind'], r['prompt']) for r in result['runs']})} "
