@@ -10,13 +10,13 @@ import threading
 import time
 
 import pytest
+from conftest import TINY
 
 from bench.wan import netns, report
 from bench.wan.__main__ import start_service, stop
 from bench.wan.measure import measure, wait_ready
 from bench.wan.prompts import KINDS, load_prompts
 from bench.wan.proxy import start_proxy
-from tests.conftest import TINY
 
 
 def echo_server() -> tuple[socket.socket, int]:
