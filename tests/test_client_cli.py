@@ -25,6 +25,9 @@ from splitcore import wire
 from splitcore.errors import SplitError
 from splitcore.manifest import load_bundle
 
+# Child processes and real sockets: the full suite runs these, `make test-fast` skips them.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -152,6 +152,7 @@ def test_a_dropped_answer_on_a_live_session_is_retried_without_replay(tail):
     remote.close()
 
 
+@pytest.mark.slow
 def test_the_default_budget_outlasts_a_restart_after_kill_9():
     """The service is gone for 6 s (as after `kill -9` and a restart); the default settings carry the client over."""
     port = free_port()

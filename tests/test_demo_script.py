@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from servers import ROOT, free_port
+
+# Child processes and real sockets: the full suite runs these, `make test-fast` skips them.
+pytestmark = pytest.mark.slow
 
 DEMO = ROOT / "scripts" / "demo.sh"
 

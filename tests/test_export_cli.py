@@ -42,6 +42,7 @@ def export_in_process(capsys, *args: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(args, code, captured.out, captured.err)
 
 
+@pytest.mark.slow
 def test_unknown_hub_id_offline(tmp_path):
     """A subprocess, so the hub library starts in offline mode instead of waiting on the network."""
     result = run_export("--model", "no-such-org/no-such-model", "--out", str(tmp_path / "out"))
@@ -77,6 +78,7 @@ def test_out_dir_not_writable(tmp_path, capsys):
     assert_one_line_error(result, "not writable")
 
 
+@pytest.mark.slow
 def test_second_run_is_up_to_date(export_bundle):
     out = export_bundle(TINY, 2)
     result = run_export("--model", TINY, "--split-layer", "2", "--full", "--out", str(out))

@@ -233,6 +233,7 @@ def fire(url: str, sha: str, size: int, request: list) -> httpx.Response:
         httpx.delete(f"{url}{protocol.SESSIONS_PATH}/{victim}")
 
 
+@pytest.mark.slow
 def test_random_bad_input_is_always_4xx_and_a_bystander_gets_its_solo_tokens(tiny, service):
     _, client, server = tiny
     sha, size = client.manifest_sha256, client.manifest.model.hidden_size

@@ -24,6 +24,9 @@ from splitcore.graphs import HeadRunner, TailRunner
 from splitcore.manifest import sha256_file
 from splitcore.sampling import SamplingParams
 
+# Child processes and real sockets: the full suite runs these, `make test-fast` skips them.
+pytestmark = pytest.mark.slow
+
 PROMPT = list(range(60, 90))
 
 

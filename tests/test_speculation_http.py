@@ -14,6 +14,9 @@ from splitcore.generation import SplitGenerator
 from splitcore.graphs import HeadRunner, LmHeadRunner
 from splitcore.sampling import SamplingParams
 
+# Child processes and real sockets: the full suite runs these, `make test-fast` skips them.
+pytestmark = pytest.mark.slow
+
 PROMPT = list(range(60, 76))
 
 
