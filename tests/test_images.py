@@ -45,6 +45,7 @@ def tiny(export_bundle):
     return export_bundle(TINY, 2)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="this machine has CUDA")
 def test_server_command_without_a_gpu_exits_with_one_clear_line(tiny):
     env = image_env(SERVER, SPLIT_SERVER_BUNDLE=str(tiny / "server"), SPLIT_SERVER_PORT=str(free_port()))
@@ -68,6 +69,7 @@ def served(tiny, tmp_path_factory):
         running.process.kill()
 
 
+@pytest.mark.slow
 def test_server_command_is_ready_and_passes_its_healthcheck(served):
     running, env = served
     ready = httpx.get(f"{running.url}/readyz").json()
@@ -76,6 +78,7 @@ def test_server_command_is_ready_and_passes_its_healthcheck(served):
     assert check.returncode == 0, check.stderr
 
 
+@pytest.mark.slow
 def test_client_command_talks_to_the_service_and_matches_local(served, tiny):
     running, _ = served
     env = image_env(CLIENT, SPLIT_CLIENT_BUNDLE=str(tiny / "client"), SPLIT_CLIENT_SERVER_URL=running.url,
@@ -92,6 +95,7 @@ def test_client_command_talks_to_the_service_and_matches_local(served, tiny):
     assert wrong.returncode != 0 and "Bearer" in wrong.stderr + wrong.stdout, wrong.stderr
 
 
+@pytest.mark.slow
 def test_sigterm_drains_then_exits_zero(served):
     """Runs last in this module: it stops the service."""
     running, _ = served
@@ -185,6 +189,7 @@ def test_engine_picks_a_client_that_builds_with_buildkit(images_scripts, tmp_pat
             engine.buildkit_client()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["smoke.py", "build.py"])
 def test_without_an_engine_one_line_says_why(script):
     env = {**os.environ, "DOCKER": "/nonexistent/docker"}
