@@ -57,7 +57,8 @@ bench: venv
 	$(BIN)/python -m bench --weights $(BENCH_WEIGHTS) --out reports/bench $(BENCH_ARGS)
 
 # Only issue 12's TinyLlama-shape numbers: the int4 vs fp32 head step and tail decode step (random:tinyllama at
-# K = 4; needs ~10 GB of RAM and some minutes, most of them the two exports).
+# K = 4). The two exports take ~3 minutes each on 2 cores, the fp32 one peaking at ~17 GiB of RAM (it writes the
+# unsplit graph too, which the full bench reuses); the steps themselves take one minute.
 bench-steps: venv
 	$(BIN)/python -m bench --steps-only --models random:tinyllama:4 --weights fp32 int4 --out reports/bench-steps
 

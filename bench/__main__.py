@@ -191,12 +191,20 @@ def generation_runs(args: argparse.Namespace, source: str, runs: list[tuple[str,
         for worker in workers.values():
             worker.close()
     keys = [run_key(c, w) for c, w, _ in runs]
-    reference = "b@fp32" if "b@fp32" in keys else keys[0]
-    return [
-        summarize(c, w, samples[(run_key(c, w), n)], weights[run_key(c, w)], bandwidth_gb_s,
-                  samples[(reference, n)][0]["tokens"])
-        for n in prompts for c, w, _ in runs
-    ]
+
+    def reference(config: str, scheme: str) -> str:
+        """(b) with the same weights: the split must produce its tokens exactly; else (b) fp32."""
+        same = run_key("b", scheme) if CONFIGS[config].weighted else None
+        return same if same in keys else "b@fp32" if "b@fp32" in keys else keys[0]
+
+    rows = []
+    for n in prompts:
+        for c, w, _ in runs:
+            key, ref = run_key(c, w), reference(c, w)
+            row = summarize(c, w, samples[(key, n)], weights[key], bandwidth_gb_s, samples[(ref, n)][0]["tokens"])
+            row["reference"] = ref
+            rows.append(row)
+    return rows
 
 
 def _start(config: str, weights: str, path: Path, source: str, seed: int, prompts: dict) -> Worker:

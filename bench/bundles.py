@@ -46,8 +46,8 @@ def prepare(model: str, split_layer: int, root: Path, schemes: list[str]) -> Mod
         except SplitError as e:
             if scheme == "fp32":
                 raise
-            log.warning("%s: no %s configuration (%s)", model, scheme, e)
-            found.missing[scheme] = f"export failed (quality floor or error; see the export log): {e}"
+            log.warning("%s: no %s configurations (%s)", model, scheme, e)
+            found.missing[scheme] = str(e)
             continue
         found.by_weights[scheme] = out
     return found
@@ -68,7 +68,16 @@ def given(model: str, split_layer: int, paths: list[Path]) -> ModelBundles:
 
 
 def _export(args: list[str]) -> None:
+    """Run the exporter with its log passed through; a failure raises with the exporter's own error line."""
     log.info("export %s (skipped when up to date)", " ".join(args))
-    code = subprocess.call([sys.executable, "-m", "export", *args])
-    if code != 0:
-        raise SplitError(f"export {' '.join(args)} failed with exit code {code}")
+    process = subprocess.Popen([sys.executable, "-m", "export", *args], stderr=subprocess.PIPE, text=True)
+    assert process.stderr is not None
+    last = ""
+    for line in process.stderr:
+        sys.stderr.write(line)
+        if line.strip():
+            last = line.strip()
+    if process.wait() != 0:
+        code = f"exit code {process.returncode}"
+        reason = last.removeprefix("export: error: ") if last.startswith("export: error:") else code
+        raise SplitError(f"export {' '.join(args)} failed: {reason}")
