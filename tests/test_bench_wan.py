@@ -18,6 +18,8 @@ from bench.wan.measure import measure, wait_ready
 from bench.wan.prompts import KINDS, load_prompts
 from bench.wan.proxy import start_proxy
 
+pytestmark = pytest.mark.slow  # every test here starts child processes (the proxy, the service, namespaces)
+
 
 def echo_server() -> tuple[socket.socket, int]:
     server = socket.socket()
