@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import TINY
 
 from bench.__main__ import main as bench_main
 
 
+@pytest.mark.slow  # one worker process per configuration, and the tail service for (d)
 def test_quick_bench_writes_sane_json(export_bundle, tmp_path):
     fp32 = export_bundle(TINY, 2, full=True)
     int4 = export_bundle(TINY, 2, weights="int4", full=True)
@@ -72,6 +74,7 @@ def test_anchor_ratios_and_floors():
     assert not meets("d_ttft_vs_llama_cpp", 1.5) and meets("d_ttft_vs_llama_cpp", 1.2)
 
 
+@pytest.mark.slow  # the tail service in a child process
 def test_load_generator_reports_every_level(export_bundle, tmp_path):
     from bench.load import main as load_main
 
