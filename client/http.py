@@ -26,6 +26,7 @@ import httpcore
 
 from splitcore.errors import SplitError
 
+KEEPALIVE_EXPIRY_S = 4.0
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 10.0
@@ -160,8 +161,10 @@ class TailClient:
         self.max_response_bytes = max_response_bytes
         self.deadlines = _Deadlines()
         context = ssl_context(ca_cert) if self.base_url.startswith("https:") else None
-        self.pool = httpcore.ConnectionPool(ssl_context=context, max_keepalive_connections=16, keepalive_expiry=30.0,
-                                            network_backend=self.deadlines)
+        # Idle connections are dropped before the service would close them (its keep-alive is 5 s by default, as
+        # uvicorn's), so a request is never sent on a connection the server is closing at that moment.
+        self.pool = httpcore.ConnectionPool(ssl_context=context, max_keepalive_connections=16,
+                                            keepalive_expiry=KEEPALIVE_EXPIRY_S, network_backend=self.deadlines)
         self.chores: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self.worker: threading.Thread | None = None
         self.lock = threading.Lock()

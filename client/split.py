@@ -83,16 +83,17 @@ class Split:
     def new_generator(self, params: SamplingParams, max_length: int | None = None) -> SplitGenerator:
         """A generator with a tail link of its own (closing the link is the caller's job).
 
-        ``max_length``: positions to reserve on the tail service (default: ``context``).
+        ``max_length``: positions to reserve, here and on the tail service (default: ``context``).
         """
+        max_length = max_length or self.context
         if self.local_tail is not None:
-            link: TailLink = LocalTail(self.local_tail, params, self.lm_head)
+            link: TailLink = LocalTail(self.local_tail, params, self.lm_head, max_length)
         else:
-            settings = self.settings.model_copy(update={"max_length": max_length or self.context})
+            settings = self.settings.model_copy(update={"max_length": max_length})
             link = RemoteTail.open(self.bundle, settings, params, self.lm_head, self.http, self.traffic,
                                    background=True)
         drafter = PromptLookup(self.settings.max_draft) if self.settings.speculate else None
-        return SplitGenerator(self.head, link, self.settings.prefill_chunk, self.noise, drafter)
+        return SplitGenerator(self.head, link, self.settings.prefill_chunk, self.noise, drafter, max_length)
 
     def close_links(self) -> None:
         """Close the command line's links; a remote one deletes its session in the background."""

@@ -75,7 +75,8 @@ class TokenChooser:
 class LocalTail:
     """The tail graph in this process, with its own KV cache; the next token is chosen by a ``TokenChooser``."""
 
-    def __init__(self, runner: TailRunner, params: SamplingParams, lm_head: LmHeadRunner | None = None) -> None:
+    def __init__(self, runner: TailRunner, params: SamplingParams, lm_head: LmHeadRunner | None = None,
+                 max_length: int | None = None) -> None:
         mode = runner.bundle.manifest.output_mode
         if (mode == "hidden") != (lm_head is not None):
             raise ManifestError(
@@ -83,7 +84,7 @@ class LocalTail:
                 + ("it needs the client bundle's LM head" if mode == "hidden" else "it returns logits, pass no LM head")
             )
         self.runner = runner
-        self.cache = runner.new_cache()
+        self.cache = runner.new_cache(max_length)
         self.chooser = TokenChooser(params, lm_head)
 
     def step(self, hidden_states: np.ndarray, past_length: int, sample: bool = True) -> Choice | None:
@@ -127,7 +128,7 @@ class SplitGenerator:
 
     def __init__(
         self, head: HeadRunner, tail: TailLink, prefill_chunk: int = 512, noise: BoundaryNoise | None = None,
-        drafter: PromptLookup | None = None,
+        drafter: PromptLookup | None = None, max_length: int | None = None,
     ) -> None:
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
@@ -137,7 +138,8 @@ class SplitGenerator:
         self.noise = noise
         self.drafter = drafter
         self.verified_steps = self.drafted = self.accepted = 0
-        self.cache = head.new_cache()
+        # Positions this conversation may hold (default: the model's); the KV buffer is reserved at this size.
+        self.cache = head.new_cache(max_length)
         self.ids: list[int] = []
         self.pending: int | None = None
         self.finish_reason: str | None = None
