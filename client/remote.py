@@ -86,16 +86,20 @@ class RemoteTail:
         self.sampled_at: list[int] = []  # the position each generated token was sampled at
         self.keep: int | None = None  # a rollback the service applies with the next step (X-Keep-Length)
         self.opening: Opening | None = None  # a session being opened in the background
+        # Fewest positions this conversation can work with (None: all of settings.max_length); a chat asks for the
+        # model's context and takes what the service's KV slots hold.
+        self.min_length: int | None = None
         self.replays = 0
 
     @classmethod
     def open(cls, bundle: Bundle, settings: ClientSettings, params: SamplingParams,
              lm_head: LmHeadRunner | None = None, http: TailClient | None = None,
-             traffic: Traffic | None = None, background: bool = False) -> RemoteTail:
+             traffic: Traffic | None = None, background: bool = False, min_length: int | None = None) -> RemoteTail:
         """A link with its session open; ``background``: the session opens on a thread while the caller goes on
         (the head computes the prompt meanwhile), and the first step waits for it, so opening costs no round trip
         of its own in the time to first token. An error opening it surfaces at that step."""
         tail = cls(bundle, settings, params, lm_head, http=http, traffic=traffic)
+        tail.min_length = min_length
         if background:
             tail.opening = Opening(tail)
             return tail
@@ -110,6 +114,7 @@ class RemoteTail:
         body = protocol.OpenSession(
             manifest_sha256=self.bundle.manifest_sha256,
             max_length=self.settings.max_length,
+            min_length=self.min_length if self.settings.max_length else None,
             sampling=protocol.Sampling(**vars(self.params)),
             generated=self.generated,
         )
@@ -119,10 +124,10 @@ class RemoteTail:
         if not SESSION_ID.fullmatch(opened.session_id):
             raise ServiceError(f"the tail service named its session {printable(opened.session_id, 60)!r}; "
                                "expected 1-128 letters, digits, '-' or '_'")
-        asked = self.settings.max_length
-        if opened.max_length < max(asked or 1, self.length + 1):
+        needed = max((self.min_length or self.settings.max_length or 1), self.length + 1)
+        if opened.max_length < needed:
             raise ServiceError(f"the tail service reserved {opened.max_length} positions; this conversation needs "
-                               f"{max(asked or 1, self.length + 1)}")
+                               f"{needed}")
         self.session_id, self.max_length = opened.session_id, opened.max_length
         log.debug("opened session %s (%d positions)", self.session_id, self.max_length)
 

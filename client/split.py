@@ -85,13 +85,16 @@ class Split:
 
         ``max_length``: positions to reserve, here and on the tail service (default: ``context``).
         """
+        # A one-shot answer needs exactly its reservation; a conversation asks for the whole context and works
+        # with what the service's KV slots hold (at least one position).
+        required = max_length
         max_length = max_length or self.context
         if self.local_tail is not None:
             link: TailLink = LocalTail(self.local_tail, params, self.lm_head, max_length)
         else:
             settings = self.settings.model_copy(update={"max_length": max_length})
             link = RemoteTail.open(self.bundle, settings, params, self.lm_head, self.http, self.traffic,
-                                   background=True)
+                                   background=True, min_length=required or 1)
         drafter = PromptLookup(self.settings.max_draft) if self.settings.speculate else None
         return SplitGenerator(self.head, link, self.settings.prefill_chunk, self.noise, drafter, max_length)
 

@@ -70,7 +70,8 @@ async def open_session(body: protocol.OpenSession, service: ServiceDep) -> proto
         params = SamplingParams(**body.sampling.model_dump())
     except ValueError as e:
         raise InvalidRequest(f"sampling: {e}") from None
-    session = await service.engine.open(OpenRequest(body.max_length, params, body.top_logprobs, body.generated))
+    session = await service.engine.open(OpenRequest(body.max_length, params, body.top_logprobs, body.generated,
+                                                   body.min_length))
     return protocol.SessionOpened(session_id=session.id, max_length=session.max_length,
                                   idle_ttl_s=service.settings.session_ttl_s, provider=service.tail.providers[0])
 

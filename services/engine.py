@@ -53,6 +53,7 @@ class OpenRequest:
     params: SamplingParams
     top_logprobs: int
     generated: list[int]
+    min_length: int | None = None  # with it, a max_length beyond the slots is granted as a slot's length
 
 
 @dataclass
@@ -225,6 +226,13 @@ class Engine:
         if bad is not None:
             raise InvalidRequest(f"generated holds token id {bad}; this model's vocabulary is 0..{self.vocab - 1}")
         max_length = request.max_length or self.default_max_length
+        if request.min_length is not None:
+            if request.min_length > max_length:
+                raise InvalidRequest(f"min_length {request.min_length} > max_length {max_length}")
+            if request.min_length > self.pool.max_length:
+                raise LengthExceeded(f"min_length {request.min_length} > the {self.pool.max_length} positions of "
+                                     "this server's KV slots")
+            max_length = min(max_length, self.pool.max_length)
         history = History(self.settings.sampling_history, request.generated)
         try:
             session = self.table.open(max_length, Sampler(request.params), history, request.top_logprobs)

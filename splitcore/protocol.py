@@ -49,6 +49,10 @@ class OpenSession(_Body):
     manifest_sha256: str = Field(max_length=128,
                                  description="sha256 of the manifest.json the client's head was exported with")
     max_length: int | None = Field(None, ge=1, le=MAX_INT, description="most positions this session will hold")
+    min_length: int | None = Field(
+        None, ge=1, le=MAX_INT, description="fewest positions the client can work with: the server grants "
+        "max_length or, when its KV slots are shorter, as many as a slot holds if that is at least min_length "
+        "(absent: max_length itself is required)")
     sampling: Sampling = Sampling()
     top_logprobs: int = Field(0, ge=0, le=20)
     generated: list[int] = Field(default_factory=list, max_length=MAX_GENERATED,

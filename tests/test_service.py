@@ -352,3 +352,32 @@ def test_operations_endpoints(tiny, service):
     paths = {"/v1/sessions", "/v1/sessions/{session_id}/steps", "/readyz", "/healthz", "/metrics"}
     assert paths <= set(spec["paths"])
     assert wire.MEDIA_TYPE in spec["paths"]["/v1/sessions/{session_id}/steps"]["post"]["requestBody"]["content"]
+
+
+def test_a_conversation_asking_for_more_than_a_slot_gets_the_slot_when_it_can_work_with_less(tiny, service):
+    """Chat and gateway clients ask for the model's whole context and state the least they need (min_length)."""
+    _, client, _ = tiny
+    url = f"{service}{protocol.SESSIONS_PATH}"
+    body = {"manifest_sha256": client.manifest_sha256, "max_length": 10**6}
+    assert httpx.post(url, json=body).status_code == 422  # without min_length the whole ask is required
+    granted = httpx.post(url, json={**body, "min_length": 16})
+    assert granted.status_code == 201, granted.text
+    slot = granted.json()["max_length"]
+    assert 16 <= slot < 10**6
+    refused = httpx.post(url, json={**body, "min_length": slot + 1})
+    assert refused.status_code == 422 and "KV slots" in refused.json()["detail"]
+    assert httpx.post(url, json={**body, "max_length": 8, "min_length": 9}).status_code == 422
+    httpx.delete(f"{url}/{granted.json()['session_id']}")
+
+
+def test_a_chat_client_works_against_slots_shorter_than_the_models_context(tiny):
+    """The defect this guards: chat reserved the model's context and a default service refused it outright."""
+    out, client, _ = tiny
+    with service_thread(out / "server", slot_length=64) as url:
+        settings = ClientSettings(server_url=url, max_length=client.manifest.model.max_position_embeddings)
+        link = RemoteTail.open(client, settings, SamplingParams(), min_length=1)
+        try:
+            assert link.max_length == 64
+            assert len(generate(client, link, n=8)) == 8
+        finally:
+            link.close()

@@ -74,7 +74,7 @@ class Engine:
         return chosen
 
     def open_sequence(self, params: SamplingParams) -> CachedSequence:
-        return CachedSequence(self.split.new_generator(params, self.context), self.tokenizer)
+        return CachedSequence(self.split.new_generator(params), self.tokenizer)
 
     def sampling(self, temperature: float | None, top_p: float | None, seed: int | None) -> SamplingParams:
         """The request's sampling parameters; what it leaves out comes from ``defaults``."""
