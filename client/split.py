@@ -44,9 +44,28 @@ class Split:
     def __init__(self, settings: ClientSettings, local: bool) -> None:
         self.settings = settings
         self.bundle = find_bundle(settings.bundle, "client")
+        # One pool (and TLS context) for every conversation of this process; None when the tail is in process.
+        self.http = None if local else TailClient(settings.server_url, settings.ca_cert, settings.timeout_s,
+                                                  settings.max_response_bytes)
+        self.traffic = Traffic()  # every remote link's bytes, added up
+        self.lm_head = lm_head(self.bundle, settings)
+        # The first conversation's session opens now, while the head and the tokenizer load, so neither a command
+        # line run nor the first request to the gateway waits a round trip for it.
+        self.spare: RemoteTail | None = None
+        if not local:
+            self.spare = RemoteTail.open(self.bundle, settings.model_copy(update={"max_length": self.context}),
+                                         sampling(settings), self.lm_head, self.http, self.traffic, background=True,
+                                         min_length=1)
+        try:
+            self._load(settings, local)
+        except BaseException:
+            self.close()
+            raise
+
+    def _load(self, settings: ClientSettings, local: bool) -> None:
+        self.links: list[TailLink] = []
         self.tokenizer = ChatTokenizer(self.bundle)
         self.head = HeadRunner(self.bundle, ["CPUExecutionProvider"], settings.intra_op_threads)
-        self.lm_head = lm_head(self.bundle, settings)
         self.noise = BoundaryNoise(settings.noise_sigma) if settings.noise_sigma > 0 else None
         self.local_tail = None
         if local:
@@ -57,11 +76,6 @@ class Split:
                     "exports; point --bundle at one export output directory"
                 )
             self.local_tail = TailRunner(server, ["CPUExecutionProvider"], settings.intra_op_threads)
-        # One pool (and TLS context) for every conversation of this process; None when the tail is in process.
-        self.http = None if local else TailClient(settings.server_url, settings.ca_cert, settings.timeout_s,
-                                                  settings.max_response_bytes)
-        self.traffic = Traffic()  # every remote link's bytes, added up
-        self.links: list[TailLink] = []
 
     @property
     def remote(self) -> bool:
@@ -91,6 +105,9 @@ class Split:
         max_length = max_length or self.context
         if self.local_tail is not None:
             link: TailLink = LocalTail(self.local_tail, params, self.lm_head, max_length)
+        elif self.spare is not None and params == self.spare.params:
+            link, self.spare = self.spare, None
+            link.min_length = required or 1
         else:
             settings = self.settings.model_copy(update={"max_length": max_length})
             link = RemoteTail.open(self.bundle, settings, params, self.lm_head, self.http, self.traffic,
@@ -106,5 +123,8 @@ class Split:
 
     def close(self) -> None:
         self.close_links()
+        if self.spare is not None:
+            self.spare.close()
+            self.spare = None
         if self.http is not None:
             self.http.close()
