@@ -28,8 +28,11 @@ from splitcore.manifest import GraphSpec, TensorSpec
 log = logging.getLogger(__name__)
 
 # Bumped whenever the graphs this module writes change, so `make export` re-exports bundles made by older code.
-GRAPH_REVISION = 4
+GRAPH_REVISION = 5
 OPSET = 17
+# onnx 1.23 writes IR 14 by default, which onnxruntime-gpu up to 1.31 (the tail image) refuses; every onnxruntime
+# since 1.20 reads IR 10.
+IR_VERSION = 10
 MS_DOMAIN = "com.microsoft"
 TORCH_TO_ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
 DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}
@@ -246,7 +249,7 @@ class GraphBuilder:
                 outputs.append(helper.make_tensor_value_info(name, elem, kv_shape))
         graph = helper.make_graph(self.nodes, "split", inputs, outputs, self.initializers)
         opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)]
-        return helper.make_model(graph, opset_imports=opsets, producer_name="splitllm")
+        return helper.make_model(graph, opset_imports=opsets, producer_name="splitllm", ir_version=IR_VERSION)
 
     def build_lm_head(self) -> onnx.ModelProto:
         """Final norm + LM head alone: the client's graph in private-output mode."""
@@ -258,7 +261,7 @@ class GraphBuilder:
                                                  [names.BATCH, names.SEQUENCE, self.model.config.vocab_size])]
         graph = helper.make_graph(self.nodes, "lm_head", inputs, outputs, self.initializers)
         opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)]
-        return helper.make_model(graph, opset_imports=opsets, producer_name="splitllm")
+        return helper.make_model(graph, opset_imports=opsets, producer_name="splitllm", ir_version=IR_VERSION)
 
 
 def save(model: onnx.ModelProto, path: Path) -> None:

@@ -54,7 +54,7 @@ class GraphRunner:
         try:
             self.session = ort.InferenceSession(str(path), session_options(intra_op_threads), providers=chosen)
         except Exception as e:  # onnxruntime raises its own exception types for unreadable or invalid graphs
-            raise ManifestError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0][:300]}") from None
+            raise ManifestError(f"onnxruntime cannot load {path}: {_gist(str(e))}") from None
         self.providers = active_providers(providers, chosen, self.session.get_providers())
         self.device = DEVICES.get(self.providers[0])
         if self.device is None:
@@ -134,6 +134,13 @@ class GraphRunner:
         output = self.run(batch, pool, lo, totals, extra)
         pool.lengths[index] += 1
         return output[index - lo]
+
+
+def _gist(message: str, limit: int = 300) -> str:
+    """The first line of onnxruntime's error, its middle cut when long: the reason is usually at the end, after the
+    source file and function it came from."""
+    line = message.splitlines()[0] if message else "unknown error"
+    return line if len(line) <= limit else f"{line[:80]} ... {line[-(limit - 85):]}"
 
 
 def check_graph(session: ort.InferenceSession, spec: GraphSpec, which: str, path: str) -> None:

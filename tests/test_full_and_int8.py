@@ -102,3 +102,10 @@ def test_perplexity_of_a_perfect_and_a_uniform_model():
     certain[np.arange(3), ids[1:]] = 0.0
     assert perplexity(certain, ids) == pytest.approx(1.0)
     assert perplexity(np.zeros((4, 4)), ids) == pytest.approx(4.0)
+
+
+def test_graphs_are_written_at_an_ir_version_the_tail_image_reads(export_bundle):
+    """onnx 1.23 defaults to IR 14; onnxruntime-gpu up to 1.31 (the tail image) reads at most IR 13."""
+    out = export_bundle(TINY, 2)
+    for role, name in (("client", "head.onnx"), ("server", "tail.onnx")):
+        assert onnx.load(str(out / role / name), load_external_data=False).ir_version <= 10
