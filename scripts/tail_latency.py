@@ -46,7 +46,8 @@ def weight_bytes(bundle) -> int:
 
 
 def kv_bytes_per_position(tail: TailRunner) -> int:
-    return tail.slot_shape.bytes_per_position()
+    manifest = tail.bundle.manifest
+    return manifest.kv_bytes_per_token(manifest.tail)
 
 
 def configurations(bundle_dtype: str) -> list[tuple[str, list[str]]]:

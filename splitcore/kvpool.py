@@ -27,9 +27,6 @@ class SlotShape:
     head_dim: int
     dtype: np.dtype
 
-    def bytes_per_position(self) -> int:
-        return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype.itemsize
-
 
 class KVPool:
     """``slots`` sequences of up to ``max_length`` positions each, for one graph's layers, on one device."""

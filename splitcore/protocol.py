@@ -77,10 +77,4 @@ class StepResult(_Body):
     logprobs: list[float] = Field(default_factory=list, description="their log-probabilities")
 
 
-class ErrorBody(_Body):
-    error: str
-    detail: str
-    expected: str | None = None
-
-
 ReturnKind = Literal["token", "logits"]
