@@ -63,6 +63,12 @@ class GraphRunner:
         self.first_input = self.spec.inputs[0].name
         self.output_name = self.spec.outputs[0].name
         check_graph(self.session, self.spec, which, str(path))
+        output = self.spec.outputs[0]
+        self.output_dtype = NUMPY_DTYPES[output.dtype]
+        self.output_width = output.shape[-1]
+        if not isinstance(self.output_width, int):
+            raise ManifestError(f"{path}: output {output.name!r} must have a fixed last axis, the manifest says "
+                                f"{output.shape}; re-run the export")
         model = bundle.manifest.model
         start, end = self.spec.layers
         self.slot_shape = SlotShape(end - start, model.num_key_value_heads, model.head_dim, self.dtype)
@@ -85,18 +91,27 @@ class GraphRunner:
             extra: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """One run over slots [lo, lo + batch): row r ends up holding ``totals[r]`` positions. Lengths are the
         caller's to update."""
-        rows = first.shape[0]
-        binding = self.session.io_binding()
-        binding.bind_cpu_input(self.first_input, np.ascontiguousarray(first))
-        binding.bind_cpu_input(names.SEQLENS_K, (totals - 1).astype(np.int32))
-        binding.bind_cpu_input(names.TOTAL_SEQUENCE_LENGTH, np.array(int(totals.max()), dtype=np.int32))
+        rows, seq = first.shape[0], first.shape[1]
+        binding = pool.binding(self.session, self.spec.past, self.spec.present, lo, rows)
+        first = np.ascontiguousarray(first)
+        seqlens = (totals - 1).astype(np.int32)
+        total = np.array(int(totals.max()), dtype=np.int32)
+        binding.bind_cpu_input(self.first_input, first)
+        binding.bind_cpu_input(names.SEQLENS_K, seqlens)
+        binding.bind_cpu_input(names.TOTAL_SEQUENCE_LENGTH, total)
+        kept = seq
+        extra_values = []
         for name, array in (extra or {}).items():
             # An OrtValue input, since bind_cpu_input cannot override an initializer (logits_to_keep).
-            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
-        binding.bind_output(self.output_name, "cpu")
-        pool.bind(binding, self.spec.past, self.spec.present, lo, rows)
+            extra_values.append(ort.OrtValue.ortvalue_from_numpy(array))
+            binding.bind_ortvalue_input(name, extra_values[-1])
+            if name == names.LOGITS_TO_KEEP and 0 < int(array) < seq:
+                kept = int(array)
+        # The output straight into a numpy array of its known shape: no wrapping of every bound output afterwards.
+        output = np.empty((rows, kept, self.output_width), dtype=self.output_dtype)
+        binding.bind_output(self.output_name, "cpu", 0, self.output_dtype, list(output.shape), output.ctypes.data)
         self.session.run_with_iobinding(binding)
-        return binding.get_outputs()[0].numpy()
+        return output
 
     def extend(self, first: np.ndarray, pool: KVPool, slot: int = 0, extra: dict[str, np.ndarray] | None = None
                ) -> np.ndarray:
