@@ -222,3 +222,16 @@ def test_sentencepiece_is_in_the_export_extra():
 
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert any(dep.startswith("sentencepiece") for dep in extras["export"])
+
+
+def test_export_shows_progress_per_layer_on_stderr(tmp_path, caplog):
+    """Issue 15 defect 14: long graph builds report their layers (every layer on a terminal, ~10% steps in a log)."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="export")
+    assert export_main(["--model", TINY, "--split-layer", "1", "--out", str(tmp_path / "out")]) == 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "export"]
+    assert "  head: layer 1/1" in lines
+    assert [line for line in lines if line.startswith("  tail: layer")] == [f"  tail: layer {i}/3" for i in (1, 2, 3)]
+    steps = [line for line in lines if line.startswith("[")]
+    assert steps[0] == "[1/5] loading random:tiny" and steps[-1] == "[5/5] writing manifest"
