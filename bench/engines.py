@@ -155,7 +155,10 @@ class LocalSplit(_Base):
         self.tail_runner = TailRunner(load_bundle(bundle / "server", "server"), ["CPUExecutionProvider"])
 
     def generate(self, ids: Sequence[int], new_tokens: int, on_token: OnToken) -> None:
-        generator = SplitGenerator(self.head, LocalTail(self.tail_runner, SamplingParams()))
+        # KV reserved for this run's positions, as the client reserves them (not the model's whole context).
+        length = len(ids) + new_tokens
+        generator = SplitGenerator(self.head, LocalTail(self.tail_runner, SamplingParams(), max_length=length),
+                                   max_length=length)
         for choice in generator.generate(list(ids), new_tokens, stop_ids=()):
             on_token(choice.token)
 
@@ -177,7 +180,7 @@ class HttpSplit(_Base):
 
     def generate(self, ids: Sequence[int], new_tokens: int, on_token: OnToken) -> None:
         self.last_tail = self.tails.open(SamplingParams())
-        generator = SplitGenerator(self.head, self.last_tail)
+        generator = SplitGenerator(self.head, self.last_tail, max_length=len(ids) + new_tokens)
         for choice in generator.generate(list(ids), new_tokens, stop_ids=()):
             on_token(choice.token)
 
