@@ -41,8 +41,12 @@ def lm_head(client_bundle: Bundle, settings: ClientSettings) -> LmHeadRunner | N
 class Split:
     """The head, and a factory of tail links (in process with ``local``, else on the tail service)."""
 
-    def __init__(self, settings: ClientSettings, local: bool) -> None:
+    def __init__(self, settings: ClientSettings, local: bool, keep_spare: bool = False) -> None:
+        """``keep_spare``: after a conversation takes the session opened ahead of time, open the next one at once,
+        so later conversations (the gateway's requests) skip the open's round trip too; it holds one idle session on
+        the service, deleted on close."""
         self.settings = settings
+        self.keep_spare = keep_spare
         self.bundle = find_bundle(settings.bundle, "client")
         # One pool (and TLS context) for every conversation of this process; None when the tail is in process.
         self.http = None if local else TailClient(settings.server_url, settings.ca_cert, settings.timeout_s,
@@ -51,16 +55,17 @@ class Split:
         self.lm_head = lm_head(self.bundle, settings)
         # The first conversation's session opens now, while the head and the tokenizer load, so neither a command
         # line run nor the first request to the gateway waits a round trip for it.
-        self.spare: RemoteTail | None = None
-        if not local:
-            self.spare = RemoteTail.open(self.bundle, settings.model_copy(update={"max_length": self.context}),
-                                         sampling(settings), self.lm_head, self.http, self.traffic, background=True,
-                                         min_length=1)
+        self.spare: RemoteTail | None = None if local else self._open_spare()
         try:
             self._load(settings, local)
         except BaseException:
             self.close()
             raise
+
+    def _open_spare(self) -> RemoteTail:
+        settings = self.settings.model_copy(update={"max_length": self.context})
+        return RemoteTail.open(self.bundle, settings, sampling(self.settings), self.lm_head, self.http, self.traffic,
+                               background=True, min_length=1)
 
     def _load(self, settings: ClientSettings, local: bool) -> None:
         self.links: list[TailLink] = []
@@ -108,6 +113,8 @@ class Split:
         elif self.spare is not None and params == self.spare.params:
             link, self.spare = self.spare, None
             link.min_length = required or 1
+            if self.keep_spare:
+                self.spare = self._open_spare()
         else:
             settings = self.settings.model_copy(update={"max_length": max_length})
             link = RemoteTail.open(self.bundle, settings, params, self.lm_head, self.http, self.traffic,

@@ -248,3 +248,20 @@ def test_conversations_of_one_process_share_the_pool(out, tail):
 def test_the_gateway_imports_split_without_the_command_line():
     code = "import sys, client.gateway.engine, client.split; assert 'client.cli' not in sys.modules, sys.modules"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True).returncode == 0
+
+
+def test_a_long_lived_client_opens_each_next_session_ahead_of_its_conversation(out, tail):
+    """keep_spare (the gateway): each conversation finds its session already open, so its first step is its
+    first round trip; the one spare left over is deleted on close."""
+    split = Split(ClientSettings(bundle=out, server_url=tail.url), local=False, keep_spare=True)
+    try:
+        for _ in range(3):
+            list(split.generator(max_length=16).generate([5, 6, 7], 2))
+        opens = [r for r in tail.requests if r.path == "/v1/sessions"]
+        steps = [i for i, r in enumerate(tail.requests) if r.path.endswith("/steps")]
+        assert len(opens) == 4  # one ahead of time, then one more per conversation
+        # The third conversation's session was opened before the second conversation's last step.
+        assert tail.requests.index(opens[2]) < steps[-1]
+    finally:
+        split.close()
+    assert len(tail.paths("DELETE")) == 4, "every session is deleted, the spare too"

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     level = "DEBUG" if args.verbose else os.environ.get("LOG_LEVEL", "INFO")
     configure_logging(level)
     try:
-        engine = Engine(Split(client, args.local), gateway.pool_size)
+        engine = Engine(Split(client, args.local, keep_spare=True), gateway.pool_size)
     except SplitError as e:
         print(f"client serve: error: {e}", file=sys.stderr)
         return 2
