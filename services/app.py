@@ -37,8 +37,7 @@ STATUS = {
     errors.PayloadTooLarge: 413,
     errors.RequestTimeout: 408,
     errors.Unauthorized: 401,
-    errors.CapacityExceeded: 503,
-    errors.ServiceUnavailable: 503,
+    errors.RetryLater: 503,
 }
 
 
@@ -192,8 +191,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(errors.SplitError)
     async def split_error(request: Request, exc: errors.SplitError) -> JSONResponse:
         status = next((code for kind, code in STATUS.items() if isinstance(exc, kind)), 400)
-        retry_after = getattr(exc, "retry_after_s", None)
-        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+        headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, errors.RetryLater) else None
         return respond(request, status, type(exc).__name__, str(exc), headers)
 
     @app.exception_handler(RequestValidationError)

@@ -29,12 +29,20 @@ class ManifestMismatch(SplitError):
     """The client's head was exported for another manifest than the server's tail."""
 
 
-class CapacityExceeded(SplitError):
+class RetryLater(SplitError):
+    """The service cannot do this now but may soon: a 503 whose Retry-After says when to try again."""
+
+    default_retry_after_s = 1
+
+    def __init__(self, message: str, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = self.default_retry_after_s if retry_after_s is None else retry_after_s
+
+
+class CapacityExceeded(RetryLater):
     """The server has no room for another session right now; existing sessions are unaffected."""
 
-    def __init__(self, message: str, retry_after_s: int = 5) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
+    default_retry_after_s = 5
 
 
 class LengthExceeded(SplitError):
@@ -53,12 +61,8 @@ class InvalidRequest(SplitError):
     """A request is well-formed but asks for something this service cannot do (a value out of range)."""
 
 
-class ServiceUnavailable(SplitError):
+class ServiceUnavailable(RetryLater):
     """The service cannot serve right now (its engine stopped or failed); a client should retry elsewhere or later."""
-
-    def __init__(self, message: str, retry_after_s: int = 1) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
 
 
 class RequestTimeout(SplitError):
