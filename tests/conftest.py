@@ -65,6 +65,13 @@ def torch_model():
     return make
 
 
+@pytest.fixture(scope="session")
+def tiny(export_bundle) -> tuple[Path, Bundle, Bundle]:
+    """The random:tiny split at K=2 that most service and client tests share: (output dir, client, server)."""
+    out = export_bundle(TINY, 2)
+    return (out, *bundles(out))
+
+
 def bundles(out: Path) -> tuple[Bundle, Bundle]:
     return load_bundle(out / "client", "client"), load_bundle(out / "server", "server")
 

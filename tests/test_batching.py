@@ -34,12 +34,6 @@ TOLERANCE = {"CPUExecutionProvider": 1e-5, "CUDAExecutionProvider": 2e-2}
 WEIGHTS = {"CPUExecutionProvider": "fp32", "CUDAExecutionProvider": "fp16"}
 
 
-@pytest.fixture(scope="module")
-def tiny(export_bundle):
-    out = export_bundle(TINY, 2)
-    return (out, *bundles(out))
-
-
 @pytest.fixture
 def for_provider(export_bundle, request):
     """(out, client, server) of the tiny bundle the parametrized provider runs."""

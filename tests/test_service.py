@@ -28,13 +28,6 @@ PROMPT = list(range(30, 50))
 
 
 @pytest.fixture(scope="module")
-def tiny(export_bundle):
-    out = export_bundle(TINY, 2)
-    client, server = bundles(out)
-    return out, client, server
-
-
-@pytest.fixture(scope="module")
 def service(tiny):
     out, _, _ = tiny
     with service_thread(out / "server", max_body_bytes=64 * 1024, slot_length=256) as url:

@@ -24,13 +24,6 @@ from splitcore.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")
-def tiny(export_bundle):
-    out = export_bundle(TINY, 2)
-    client, server = bundles(out)
-    return out, client, server
-
-
-@pytest.fixture(scope="module")
 def service(tiny):
     out, _, _ = tiny
     with service_thread(out / "server", max_body_bytes=64 * 1024, max_open_bytes=4096, max_generated=100,

@@ -14,7 +14,6 @@ import time
 import httpx
 import numpy as np
 import pytest
-from conftest import TINY, bundles
 from servers import ROOT, free_port, start_service_process, stop, wait_ready
 
 from client.remote import RemoteTail
@@ -28,12 +27,6 @@ from splitcore.sampling import SamplingParams
 pytestmark = pytest.mark.slow
 
 PROMPT = list(range(60, 90))
-
-
-@pytest.fixture(scope="module")
-def tiny(export_bundle):
-    out = export_bundle(TINY, 2)
-    return (out, *bundles(out))
 
 
 def in_process(client, server, prompt=PROMPT, n=24) -> list[int]:
