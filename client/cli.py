@@ -21,7 +21,7 @@ from client.conversation import ContextExceeded, Conversation, fit
 from client.remote import traffic_report
 from client.settings import ClientSettings, explain
 from client.split import Split
-from client.tokenizer import StreamDecoder
+from client.tokenizer import text_pieces
 from splitcore.errors import SplitError
 
 log = logging.getLogger("client")
@@ -158,8 +158,7 @@ def run_once(split: Split, prompt: str, raw: bool, stats: Stats) -> None:
     max_new = fit(len(ids), 0, split.settings.max_new_tokens, split.context)
     stats.prompt_tokens = len(ids)
     generator = split.generator(max_length=len(ids) + max_new)
-    decoder = StreamDecoder(tokenizer)
-    stream((decoder.push(c.token) for c in generator.generate(ids, max_new, tokenizer.stop_ids)), stats)
+    stream(text_pieces(tokenizer, generator.generate(ids, max_new, tokenizer.stop_ids)), stats)
 
 
 def run_chat(split: Split, opening: str | None, show_stats: bool) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 
-from client.tokenizer import ChatTokenizer, StreamDecoder
+from client.tokenizer import ChatTokenizer, text_pieces
 from splitcore.errors import SplitError
 from splitcore.generation import SplitGenerator
 
@@ -91,9 +91,7 @@ class Conversation:
         if self.context is not None:
             max_new_tokens = fit(len(ids), len(self.generator.held_ids), max_new_tokens, self.context)
         self.fed_new = len(ids)
-        decoder = StreamDecoder(self.tokenizer)
-        for choice in self.generator.generate(ids, max_new_tokens, self.tokenizer.stop_ids):
-            yield decoder.push(choice.token)
+        yield from text_pieces(self.tokenizer, self.generator.generate(ids, max_new_tokens, self.tokenizer.stop_ids))
 
     @property
     def finish_reason(self) -> str | None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 
 from jinja2 import nodes
@@ -15,6 +15,7 @@ from tokenizers.decoders import DecodeStream
 
 from splitcore.errors import ManifestError
 from splitcore.manifest import Bundle
+from splitcore.sampling import Choice
 
 
 def _raise(message: str) -> None:
@@ -96,3 +97,10 @@ class StreamDecoder:
 
     def push(self, token: int) -> str:
         return self.stream.step(self.tokenizer, token) or ""
+
+
+def text_pieces(tokenizer: ChatTokenizer, choices: Iterable[Choice]) -> Iterator[str]:
+    """The text of generated tokens as it streams: one piece per token ("" while UTF-8 is incomplete)."""
+    decoder = StreamDecoder(tokenizer)
+    for choice in choices:
+        yield decoder.push(choice.token)

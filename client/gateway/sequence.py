@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from client.tokenizer import ChatTokenizer, StreamDecoder
+from client.tokenizer import ChatTokenizer, text_pieces
 from splitcore.generation import SplitGenerator
 
 
@@ -43,9 +43,7 @@ class CachedSequence:
             raise ValueError(f"the prompt does not continue the {len(held)} ids this sequence holds")
         new = list(ids[len(held) :])
         self.fed_new = len(ids) - self.positions
-        decoder = StreamDecoder(self.tokenizer)
-        for choice in self.generator.generate(new, max_new_tokens, self.tokenizer.stop_ids):
-            yield decoder.push(choice.token)
+        yield from text_pieces(self.tokenizer, self.generator.generate(new, max_new_tokens, self.tokenizer.stop_ids))
 
     @property
     def finish_reason(self) -> str | None:
