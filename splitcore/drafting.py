@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 
 class PromptLookup:
     def __init__(self, max_draft: int = 8, max_ngram: int = 3, min_ngram: int = 1) -> None:
@@ -22,15 +24,20 @@ class PromptLookup:
     def propose(self, history: Sequence[int], limit: int) -> list[int]:
         """Up to ``min(limit, current draft length)`` tokens likely to follow ``history``; [] when nothing matches."""
         limit = min(limit, self.length)
-        if limit < 1:
+        if limit < 1 or len(history) < 2:
             return []
-        history = list(history)
-        for n in range(min(self.max_ngram, len(history) - 1), self.min_ngram - 1, -1):
-            pattern = history[-n:]
-            # The most recent earlier occurrence whose continuation is non-empty.
-            for start in range(len(history) - n - 1, -1, -1):
-                if history[start : start + n] == pattern:
-                    return history[start + n : start + n + limit]
+        # Vectorised: this runs once per generated token over the whole conversation (a Python scan cost 0.7 ms
+        # per token at 2,000 tokens and 3 ms at 8,000).
+        ids = np.asarray(history, dtype=np.int64)
+        # Ends of earlier occurrences of the last token that have a continuation (not the last position itself).
+        ends = np.flatnonzero(ids[:-1] == ids[-1])
+        for n in range(min(self.max_ngram, len(ids) - 1), self.min_ngram - 1, -1):
+            matching = ends[ends >= n - 1]
+            for back in range(1, n):
+                matching = matching[ids[matching - back] == ids[-1 - back]]
+            if matching.size:
+                end = int(matching[-1])  # the most recent one
+                return ids[end + 1 : end + 1 + limit].tolist()
         return []
 
     def update(self, proposed: int, accepted: int) -> None:
