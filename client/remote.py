@@ -36,7 +36,7 @@ from splitcore.errors import WireError
 from splitcore.generation import TokenChooser
 from splitcore.graphs import LmHeadRunner
 from splitcore.manifest import Bundle
-from splitcore.sampling import Choice, SamplingParams
+from splitcore.sampling import Choice, History, SamplingParams
 
 __all__ = ["RemoteTail", "ServiceError", "TailUnreachable", "Traffic"]
 
@@ -82,8 +82,7 @@ class RemoteTail:
         self.max_length: int | None = None
         self.sent: list[bytes] = []  # fp16 hidden-state frames of every position the server holds, in order
         self.length = 0
-        self.generated: list[int] = []
-        self.sampled_at: list[int] = []  # the position each generated token was sampled at
+        self.history = History()  # what this conversation generated, for a replay's repetition penalty
         self.keep: int | None = None  # a rollback the service applies with the next step (X-Keep-Length)
         self.opening: Opening | None = None  # a session being opened in the background
         # Fewest positions this conversation can work with (None: all of settings.max_length); a chat asks for the
@@ -116,7 +115,7 @@ class RemoteTail:
             max_length=self.settings.max_length,
             min_length=self.min_length if self.settings.max_length else None,
             sampling=protocol.Sampling(**vars(self.params)),
-            generated=self.generated,
+            generated=self.history.tokens().tolist(),
         )
         reply = self.request("POST", protocol.SESSIONS_PATH, json.dumps(body.model_dump()).encode(),
                              {"Content-Type": "application/json"})
@@ -148,11 +147,9 @@ class RemoteTail:
         if length == self.length:
             return
         self.keep = length if self.keep is None else min(self.keep, length)
-        self.sent = cut_frames(self.sent, length)
+        cut_frames(self.sent, self.length, length)
         self.length = length
-        while self.sampled_at and self.sampled_at[-1] >= length:
-            self.sampled_at.pop()
-            self.generated.pop()
+        self.history.rollback(length)
         if self.chooser is not None:
             self.chooser.forget_from(length)
 
@@ -172,8 +169,7 @@ class RemoteTail:
         self.traffic.steps += 1
         first = past_length + seq - count
         for i, choice in enumerate(choices):
-            self.generated.append(choice.token)
-            self.sampled_at.append(first + i)
+            self.history.add(choice.token, first + i)
         return choices
 
     def read_step(self, reply: Reply, length: int, count: int) -> list[Choice]:
@@ -341,21 +337,19 @@ class Opening:
             raise self.error
 
 
-def cut_frames(frames: list[bytes], length: int) -> list[bytes]:
-    """The frames of the first ``length`` positions; a frame cut in two is re-encoded from its own fp16 bytes, so a
-    replay still sends exactly what crossed before."""
-    kept, held = [], 0
-    for frame in frames:
-        tensor = wire.decode(frame)
+def cut_frames(frames: list[bytes], held: int, length: int) -> None:
+    """Cut ``frames`` (``held`` positions in all) to the first ``length`` positions, from the end: a rollback touches
+    only the frames it undoes, not the whole conversation. A frame cut in two is re-encoded from its own fp16 bytes,
+    so a replay still sends exactly what crossed before."""
+    while frames and held > length:
+        tensor = wire.decode(frames[-1])
         seq = tensor.shape[1]
-        if held + seq <= length:
-            kept.append(frame)
-            held += seq
-            continue
-        if length > held:
-            kept.append(wire.encode(tensor[:, : length - held]))
-        break
-    return kept
+        if held - seq >= length:
+            frames.pop()
+            held -= seq
+        else:
+            frames[-1] = wire.encode(tensor[:, : length - (held - seq)])
+            held = length
 
 
 def parse(model: type[M], reply: Reply, what: str) -> M:

@@ -26,7 +26,7 @@ import numpy as np
 from services.metrics import Metrics
 from services.runner import ModelRunner
 from services.scheduler import Plan, Scheduler, Work
-from services.sessions import History, Session, SessionTable
+from services.sessions import Session, SessionTable
 from services.settings import ServerSettings
 from splitcore.errors import (
     CapacityExceeded,
@@ -38,7 +38,7 @@ from splitcore.errors import (
     SplitError,
 )
 from splitcore.graphs import TailRunner
-from splitcore.sampling import Choice, Sampler, SamplingParams
+from splitcore.sampling import Choice, History, Sampler, SamplingParams
 
 log = logging.getLogger(__name__)
 

@@ -9,39 +9,16 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from splitcore.errors import CapacityExceeded, LengthExceeded, SessionNotFound
 from splitcore.kvpool import KVPool
-from splitcore.sampling import Sampler
+from splitcore.sampling import History, Sampler
 
 log = logging.getLogger(__name__)
-
-
-class History:
-    """The latest tokens a session sampled, each with the position it was sampled from, for the repetition penalty.
-
-    Bounded (``limit`` tokens), so a long session's penalty costs the same as a short one's. A rollback to L drops
-    the tokens sampled at positions >= L; tokens a client brought when it opened have position -1 and stay.
-    """
-
-    def __init__(self, limit: int, tokens: Iterable[int] = ()) -> None:
-        self.entries: deque[tuple[int, int]] = deque(((int(t), -1) for t in tokens), maxlen=limit)
-
-    def add(self, token: int, position: int) -> None:
-        if self.entries.maxlen:
-            self.entries.append((token, position))
-
-    def rollback(self, length: int) -> None:
-        while self.entries and self.entries[-1][1] >= length:
-            self.entries.pop()
-
-    def tokens(self) -> np.ndarray:
-        return np.fromiter((t for t, _ in self.entries), dtype=np.int64, count=len(self.entries))
 
 
 @dataclass(eq=False)

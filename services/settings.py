@@ -7,6 +7,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from splitcore.sampling import HISTORY_LIMIT
+
 # The mark in every placeholder secret we ship (k8s/10-secret.yaml): a service holding one refuses to start.
 PLACEHOLDER_MARK = "REPLACE-ME"
 
@@ -48,7 +50,8 @@ class ServerSettings(BaseSettings):
         20.0, ge=0, description="a decode batch waits up to this long for the sessions of the previous batch",
     )
     sampling_history: int = Field(
-        1024, ge=0, description="generated tokens of a session the repetition penalty looks at (the latest ones)",
+        HISTORY_LIMIT, ge=0,
+        description="generated tokens of a session the repetition penalty looks at (the latest ones)",
     )
 
     # Limits on what clients send (each is a 4xx, never a 500).

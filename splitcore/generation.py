@@ -15,7 +15,7 @@ from splitcore.drafting import PromptLookup
 from splitcore.errors import ManifestError
 from splitcore.graphs import HeadRunner, LmHeadRunner, TailRunner
 from splitcore.noise import BoundaryNoise
-from splitcore.sampling import Choice, Sampler, SamplingParams
+from splitcore.sampling import Choice, History, Sampler, SamplingParams
 
 
 class TailLink(Protocol):
@@ -54,22 +54,18 @@ class TokenChooser:
     def __init__(self, params: SamplingParams, lm_head: LmHeadRunner | None = None) -> None:
         self.sampler = Sampler(params)
         self.lm_head = lm_head
-        self.generated: list[int] = []
-        self.positions: list[int] = []  # the position each generated token was sampled at
+        self.history = History()
 
     def choose(self, output: np.ndarray, position: int = -1) -> Choice:
         """``output``: one position's logits [vocab], or its final hidden state [hidden] with an LM head."""
         logits = output if self.lm_head is None else self.lm_head.forward(output[None, None, :])[0, 0]
-        choice = self.sampler.choose(logits, self.generated)
-        self.generated.append(choice.token)
-        self.positions.append(position)
+        choice = self.sampler.choose(logits, self.history.tokens())
+        self.history.add(choice.token, position)
         return choice
 
     def forget_from(self, length: int) -> None:
         """Drop the samples taken at positions >= ``length`` (they followed a rejected draft)."""
-        while self.positions and self.positions[-1] >= length:
-            self.positions.pop()
-            self.generated.pop()
+        self.history.rollback(length)
 
 
 class LocalTail:

@@ -10,13 +10,18 @@ Numerics: scores are shifted by their maximum before dividing by the temperature
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 # top-p looks at this many best candidates first and sorts the whole vocabulary only when they hold too little mass.
 TOP_P_CANDIDATES = 1024
+
+
+# Generated tokens the repetition penalty looks at (the latest ones), on the service and the client alike.
+HISTORY_LIMIT = 1024
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,28 @@ def choose_batch(logits: np.ndarray, samplers: Sequence[Sampler], histories: Seq
         choices.append(Choice(token, float(scores[row, token] - norm[row]),
                               _top(scores[row], norm[row], top_logprobs[row])))
     return choices
+
+
+class History:
+    """The latest tokens a sequence sampled, each with the position it was sampled from, for the repetition penalty.
+
+    Bounded (``limit`` tokens), so a long sequence's penalty costs the same as a short one's. A rollback to L drops
+    the tokens sampled at positions >= L; tokens given up front (a replay's) have position -1 and stay. The service
+    (per session), a client choosing tokens itself and a remote link (for replays) all keep theirs here.
+    """
+
+    def __init__(self, limit: int = HISTORY_LIMIT, tokens: Iterable[int] = ()) -> None:
+        self.entries: deque[tuple[int, int]] = deque(((int(t), -1) for t in tokens), maxlen=limit)
+
+    def add(self, token: int, position: int) -> None:
+        self.entries.append((token, position))  # a limit of 0 keeps nothing
+
+    def rollback(self, length: int) -> None:
+        while self.entries and self.entries[-1][1] >= length:
+            self.entries.pop()
+
+    def tokens(self) -> np.ndarray:
+        return np.fromiter((t for t, _ in self.entries), dtype=np.int64, count=len(self.entries))
 
 
 def _penalize(scores: np.ndarray, history: Sequence[int] | np.ndarray, penalty: float) -> None:

@@ -252,3 +252,20 @@ def test_a_bad_ca_file_is_one_line(tmp_path):
     with pytest.raises(SplitError, match="cannot use the CA certificate") as error:
         TailClient("https://127.0.0.1:1", bad)
     assert "\n" not in str(error.value)
+
+
+def test_a_rollback_cuts_the_replay_frames_from_the_end_keeping_their_bytes():
+    import numpy as np
+
+    from client.remote import cut_frames
+    from splitcore import wire
+
+    chunks = [np.random.default_rng(i).standard_normal((1, n, 4)).astype(np.float16) for i, n in enumerate((5, 1, 4))]
+    frames = [wire.encode(c) for c in chunks]
+    first_two = frames[:2]
+    cut_frames(frames, 10, 8)  # the last frame loses 2 of its 4 positions
+    assert frames[:2] == first_two and wire.decode(frames[2]).tobytes() == chunks[2][:, :2].tobytes()
+    cut_frames(frames, 8, 5)  # whole frames dropped, the first kept as it was sent
+    assert frames == first_two[:1]
+    cut_frames(frames, 5, 5)
+    assert frames == first_two[:1]

@@ -13,11 +13,11 @@ from export import parity
 from services.engine import Engine, OpenRequest, StepRequest
 from services.metrics import Metrics
 from services.scheduler import Scheduler, Work, chunk_size
-from services.sessions import History, Session
+from services.sessions import Session
 from services.settings import ServerSettings
 from splitcore.errors import InvalidRequest, PositionMismatch, SessionNotFound
 from splitcore.graphs import TailRunner
-from splitcore.sampling import Sampler, SamplingParams
+from splitcore.sampling import History, Sampler, SamplingParams
 
 
 def session(slot: int) -> Session:
