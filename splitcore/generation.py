@@ -59,7 +59,8 @@ class TokenChooser:
     def choose(self, output: np.ndarray, position: int = -1) -> Choice:
         """``output``: one position's logits [vocab], or its final hidden state [hidden] with an LM head."""
         logits = output if self.lm_head is None else self.lm_head.forward(output[None, None, :])[0, 0]
-        choice = self.sampler.choose(logits, self.history.tokens())
+        penalised = self.sampler.params.repetition_penalty != 1.0  # else the history is not worth collecting
+        choice = self.sampler.choose(logits, self.history.tokens() if penalised else ())
         self.history.add(choice.token, position)
         return choice
 

@@ -45,6 +45,24 @@ def test_invalid_parameters_are_refused(bad):
         SamplingParams(**bad)
 
 
+def test_reused_work_buffers_leave_no_trace():
+    """choose_batch works in per-thread buffers: a call after a larger or differently sized one must pick exactly
+    what a fresh process picks, with the caller's logits untouched."""
+    from splitcore.sampling import choose_batch
+
+    rng = np.random.default_rng(1)
+    small = rng.standard_normal((2, 300)).astype(np.float16)
+    before = small.copy()
+    expected = [(c.token, c.logprob) for c in choose_batch(small, [Sampler(SamplingParams())] * 2, [(), ()], [0, 0])]
+    choose_batch(rng.standard_normal((9, 300)).astype(np.float32) * 50, [Sampler(SamplingParams())] * 9,
+                 [()] * 9, [0] * 9)
+    choose_batch(rng.standard_normal((3, 77)).astype(np.float32), [Sampler(SamplingParams())] * 3, [()] * 3, [0] * 3)
+    again = choose_batch(list(small), [Sampler(SamplingParams())] * 2, [(), ()], [0, 0])
+    assert [(c.token, c.logprob) for c in again] == expected
+    np.testing.assert_array_equal(small, before)
+    assert [c.token for c in again] == [int(r.argmax()) for r in small.astype(np.float32)]
+
+
 def test_a_batch_picks_what_each_row_picks_alone():
     from splitcore.sampling import choose_batch
 
