@@ -139,7 +139,9 @@ def run(args: argparse.Namespace) -> None:
                                progress=_progress(graph))
         save(builder.build(positions=positions, **build) if build else builder.build_lm_head(), path)
         has_lm_head = build.get("output") == names.LOGITS or not build
-        return graph_spec(path, layers, dtype, weights, lm_weights if has_lm_head and lm_weights != weights else None)
+        embedding = MatMulWeights(weights).embedding(dtype, model.config.hidden_size) if build.get("embed") else None
+        return graph_spec(path, layers, dtype, weights, lm_weights if has_lm_head and lm_weights != weights else None,
+                          embedding)
 
     step("exporting head (%s weights): embedding + layers [0, %d)", head_weights, k)
     head = write("head", DTYPES["fp32"], head_weights, args.out / bundles.CLIENT / "head.onnx", range(0, k),

@@ -28,7 +28,7 @@ from splitcore.manifest import GraphSpec, TensorSpec
 log = logging.getLogger(__name__)
 
 # Bumped whenever the graphs this module writes change, so `make export` re-exports bundles made by older code.
-GRAPH_REVISION = 5
+GRAPH_REVISION = 6
 OPSET = 17
 # onnx 1.23 writes IR 14 by default, which onnxruntime-gpu up to 1.31 (the tail image) refuses; every onnxruntime
 # since 1.20 reads IR 10.
@@ -215,8 +215,8 @@ class GraphBuilder:
         if embed:
             inputs.append(helper.make_tensor_value_info(names.INPUT_IDS, TensorProto.INT64,
                                                         [names.BATCH, names.SEQUENCE]))
-            table = self.constant("embed_tokens.weight", self.tensor(self.model.model.embed_tokens.weight))
-            x = self.node("Gather", [table, names.INPUT_IDS], ["embedded"])[0]
+            table = self.model.model.embed_tokens.weight.detach().to(torch.float32).numpy()
+            x = self.weights.gather(self, table, names.INPUT_IDS, "embed_tokens")
         else:
             inputs.append(helper.make_tensor_value_info(names.HIDDEN_STATES, elem,
                                                         [names.BATCH, names.SEQUENCE, hidden]))
@@ -273,7 +273,8 @@ def save(model: onnx.ModelProto, path: Path) -> None:
                     location=data.name, size_threshold=1024)
 
 
-def graph_spec(path: Path, layers: range, dtype: np.dtype, weights: str, lm_head_weights: str | None) -> GraphSpec:
+def graph_spec(path: Path, layers: range, dtype: np.dtype, weights: str, lm_head_weights: str | None,
+               embedding_weights: str | None = None) -> GraphSpec:
     """The manifest entry of a saved graph, read back from the file itself."""
     model = onnx.load(str(path), load_external_data=False)
     data_files = {entry.value for tensor in model.graph.initializer for entry in tensor.external_data
@@ -291,6 +292,7 @@ def graph_spec(path: Path, layers: range, dtype: np.dtype, weights: str, lm_head
         present=[names.present_names(i) for i in layers],
         weights=weights,
         lm_head_weights=lm_head_weights,
+        embedding_weights=embedding_weights,
     )
 
 

@@ -64,6 +64,9 @@ class GraphSpec(_Strict):
     # How the LM head's weights are stored where the graph has one and it differs from ``weights`` (int4 graphs keep
     # an 8-bit LM head: the vocabulary projection is where 4 bits cost the most quality).
     lm_head_weights: Weights | None = None
+    # How a graph that starts from token ids stores its embedding table (None: the graph has none). Quantized
+    # schemes keep it as 8-bit blocks of 32 per row ("int8", onnxruntime GatherBlockQuantized).
+    embedding_weights: Weights | None = None
 
 
 class ModelSpec(_Strict):

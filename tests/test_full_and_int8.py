@@ -89,11 +89,44 @@ def test_quantized_export_records_quality_and_shrinks_the_bundle(export_bundle, 
     head = onnx.load(str(out / "client" / manifest.head.file), load_external_data=False)
     ops = {node.op_type for node in head.graph.node}
     assert "MatMulNBits" in ops and "MatMul" not in ops
+    assert "GatherBlockQuantized" in ops and "Gather" not in ops
+    assert manifest.head.embedding_weights == "int8" and manifest.tail.embedding_weights is None
     fp32 = load_bundle(export_bundle(TINY, 2) / "client", "client").manifest
+    assert fp32.head.embedding_weights == "fp32"
     size = sum(manifest.files[f].bytes for f in (manifest.head.file, manifest.head.data_file))
     fp32_size = sum(fp32.files[f].bytes for f in (fp32.head.file, fp32.head.data_file))
-    # The embedding table stays float32; the layers shrink.
-    assert size < fp32_size
+    assert size < 0.5 * fp32_size
+
+
+def test_an_8bit_embedding_gathers_the_dequantized_rows():
+    """GatherBlockQuantized reads the table as MatMulWeights.gather lays it out: the rows it returns are exactly the
+    dequantized table's, each within one quantization step of the float row."""
+    from export.graph_builder import GraphBuilder
+
+    rng = np.random.default_rng(5)
+    vocab, hidden = 300, 2 * BLOCK_SIZE
+    table = (rng.standard_normal((vocab, hidden)) * rng.uniform(0.01, 3, (vocab, 1))).astype(np.float32)
+    builder = GraphBuilder.__new__(GraphBuilder)  # only the node/constant primitives are used here
+    builder.dtype, builder.nodes, builder.initializers, builder._names = np.dtype(np.float32), [], [], set()
+    out = MatMulWeights("int4").gather(builder, table, "ids", "embed_tokens")
+    graph = onnx.helper.make_graph(
+        builder.nodes, "g", [onnx.helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [1, None])],
+        [onnx.helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, [1, None, hidden])], builder.initializers)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17),
+                                                         onnx.helper.make_opsetid("com.microsoft", 1)], ir_version=10)
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.array([[0, 7, 299, 7, 150]], dtype=np.int64)
+    rows = session.run(None, {"ids": ids})[0][0]
+    packed, scales, zeros = quantize_blocks(table.T, 8)
+    dequantized = dequantize_blocks(packed, scales, zeros, 8, hidden).T
+    np.testing.assert_array_equal(rows, dequantized[ids[0]])
+    step = np.repeat(scales, BLOCK_SIZE, axis=1)[ids[0]]
+    assert (np.abs(rows - table[ids[0]]) <= step * 0.5 + 1e-6).all()
+    assert MatMulWeights("int4").embedding(np.float32, hidden) == "int8"
+    assert MatMulWeights("int4").embedding(np.float32, hidden + 1) == "fp32"  # rows not in whole blocks: plain
+    assert MatMulWeights("fp32").embedding(np.float32, hidden) == "fp32"
 
 
 def test_perplexity_of_a_perfect_and_a_uniform_model():
