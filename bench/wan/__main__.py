@@ -166,8 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("wan: cannot make network namespaces (%s): measuring on loopback with the delay proxy", why)
     notes = [f"tail service settings for the run: {', '.join(f'{k}={v}' for k, v in SERVICE_ENV.items())}",
              "RTT 0 still goes through the proxy (one more local hop); the 32-token TTFT is over the direct link, "
-             "no proxy", "TTFT runs from opening the turn (session included) to the first token; the previous "
-             "turn's session DELETE is finished before the clock starts",
+             "no proxy", "TTFT runs from opening the turn to the first token; its session was opened during the "
+             "previous turn (the client keeps a spare, as the gateway does), and the previous turn's session DELETE "
+             "is finished before the clock starts",
              "connections are warm (one pool per client process, as in a chat or the gateway): a fresh "
              "`python -m client` process pays one more RTT to connect"]
     try:

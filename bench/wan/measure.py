@@ -1,12 +1,13 @@
 """The measurement loop of ``make bench-wan``, run where the client lives (inside the client namespace).
 
 The client is ``client.split.Split`` driven in this process, as the command line and the gateway use it: one
-connection pool per Split, a session opened per turn and deleted when the next turn opens. For each RTT the delay
+connection pool per Split, a session per turn (opened ahead, during the previous turn, as the gateway keeps a spare)
+and deleted when the next turn opens. For each RTT the delay
 proxy is started (or netem set), then every prompt runs once with speculation off and once with it on, alternating
 which goes first, so drift on a shared machine hits both alike. Before the clock of a turn starts, the previous
 turn's session is closed and its (background) DELETE waited for: time to first token never includes it.
 
-Measured per turn: time to first token (from opening the turn, session included, to the first token), decode time
+Measured per turn: time to first token (from opening the turn to the first token), decode time
 (first token to last), tokens, round trips (tail steps) and bytes on the wire before and after the first token.
 Also, in this process with no network: local prefill of every prompt (head + tail, ``--local``) and, for a 32-token
 prompt, the time to first token of (b) the whole model as one graph, (c) the split in process and the split over
@@ -52,9 +53,12 @@ def settings(bundle: Path, url: str, speculate: bool, new_tokens: int):  # noqa:
 
 
 def open_split(bundle: Path, url: str, speculate: bool, new_tokens: int, local: bool = False):  # noqa: ANN201
+    """A remote Split keeps a spare session open, as the gateway does (and as the command line's one conversation
+    opens its session while the head loads): a turn takes a session opened during the previous one, so its time to
+    first token holds one round trip (the prompt's step), not two."""
     from client.split import Split
 
-    return Split(settings(bundle, url, speculate, new_tokens), local)
+    return Split(settings(bundle, url, speculate, new_tokens), local, keep_spare=not local)
 
 
 def encode(split, text: str) -> list[int]:  # noqa: ANN001 - a client.split.Split
