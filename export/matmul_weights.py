@@ -60,7 +60,6 @@ class MatMulWeights:
         return builder.node("MatMulNBits", [x, *inputs], [name], domain="com.microsoft", K=k, N=n, bits=bits,
                             block_size=BLOCK_SIZE, accuracy_level=ACCURACY_LEVEL)[0]
 
-
     def gather(self, builder: GraphBuilder, table: np.ndarray, ids: str, name: str) -> str:
         """Rows ``ids`` of an embedding ``table`` [vocab, hidden] stored as ``name``.
 
