@@ -185,7 +185,7 @@ class HeadRunner(GraphRunner):
 
     def forward(self, input_ids: np.ndarray, cache: KVPool, slot: int = 0) -> np.ndarray:
         """Token ids [1, seq] after what the slot holds -> hidden states [1, seq, hidden] at the split."""
-        return self.extend(np.asarray(input_ids, dtype=np.int64), cache, slot)
+        return self.extend(token_ids(input_ids, self.bundle.manifest.model.vocab_size), cache, slot)
 
 
 class TailRunner(GraphRunner):
@@ -216,7 +216,17 @@ class FullRunner(GraphRunner):
     def forward(self, input_ids: np.ndarray, cache: KVPool, slot: int = 0, logits_to_keep: int = 1) -> np.ndarray:
         """Token ids [1, seq] -> logits [1, kept, vocab]; 0 keeps every position, n the last n."""
         keep = {names.LOGITS_TO_KEEP: np.array(logits_to_keep, dtype=np.int64)}
-        return self.extend(np.asarray(input_ids, dtype=np.int64), cache, slot, keep)
+        return self.extend(token_ids(input_ids, self.bundle.manifest.model.vocab_size), cache, slot, keep)
+
+
+def token_ids(input_ids: np.ndarray, vocab: int) -> np.ndarray:
+    """``input_ids`` as int64, each checked to be a token of the vocabulary: a quantized embedding
+    (``GatherBlockQuantized``) does not bounds-check its indices, so an id past the table would read other memory."""
+    ids = np.asarray(input_ids, dtype=np.int64)
+    if ids.size and not (0 <= int(ids.min()) and int(ids.max()) < vocab):
+        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+        raise ShapeError(f"token id {bad} is outside this model's vocabulary 0..{vocab - 1}")
+    return ids
 
 
 class LmHeadRunner:
