@@ -222,7 +222,10 @@ class FullRunner(GraphRunner):
 def token_ids(input_ids: np.ndarray, vocab: int) -> np.ndarray:
     """``input_ids`` as int64, each checked to be a token of the vocabulary: a quantized embedding
     (``GatherBlockQuantized``) does not bounds-check its indices, so an id past the table would read other memory."""
-    ids = np.asarray(input_ids, dtype=np.int64)
+    try:
+        ids = np.asarray(input_ids, dtype=np.int64)
+    except OverflowError:
+        raise ShapeError(f"a token id is beyond int64, outside this model's vocabulary 0..{vocab - 1}") from None
     if ids.size and not (0 <= int(ids.min()) and int(ids.max()) < vocab):
         bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
         raise ShapeError(f"token id {bad} is outside this model's vocabulary 0..{vocab - 1}")

@@ -46,21 +46,32 @@ def test_invalid_parameters_are_refused(bad):
 
 
 def test_reused_work_buffers_leave_no_trace():
-    """choose_batch works in per-thread buffers: a call after a larger or differently sized one must pick exactly
-    what a fresh process picks, with the caller's logits untouched."""
+    """choose_batch works in per-thread buffers: a call that reuses them after a larger batch must pick exactly what
+    a fresh thread (fresh buffers) picks, for greedy, sampled and penalised rows, with the caller's logits untouched."""
+    import threading
+
     from splitcore.sampling import choose_batch
 
     rng = np.random.default_rng(1)
-    small = rng.standard_normal((2, 300)).astype(np.float16)
-    before = small.copy()
-    expected = [(c.token, c.logprob) for c in choose_batch(small, [Sampler(SamplingParams())] * 2, [(), ()], [0, 0])]
+    logits = (rng.standard_normal((3, 300)) * 3).astype(np.float16)
+    before = logits.copy()
+    params = [SamplingParams(), SamplingParams(temperature=0.9, top_p=0.8, seed=7),
+              SamplingParams(temperature=1.1, top_k=20, repetition_penalty=1.5, seed=8)]
+    histories = [(), [3, 4], [int(logits[2].astype(np.float32).argmax()), 9]]
+
+    def pick() -> list[tuple[int, float, list]]:
+        return [(c.token, c.logprob, c.top) for c in
+                choose_batch(list(logits), [Sampler(p) for p in params], histories, [2, 2, 2])]
+
+    fresh: list = []
+    thread = threading.Thread(target=lambda: fresh.extend(pick()))
+    thread.start()
+    thread.join()
+    # This thread's buffers first hold a larger batch of other values, then serve the 3 rows.
     choose_batch(rng.standard_normal((9, 300)).astype(np.float32) * 50, [Sampler(SamplingParams())] * 9,
                  [()] * 9, [0] * 9)
-    choose_batch(rng.standard_normal((3, 77)).astype(np.float32), [Sampler(SamplingParams())] * 3, [()] * 3, [0] * 3)
-    again = choose_batch(list(small), [Sampler(SamplingParams())] * 2, [(), ()], [0, 0])
-    assert [(c.token, c.logprob) for c in again] == expected
-    np.testing.assert_array_equal(small, before)
-    assert [c.token for c in again] == [int(r.argmax()) for r in small.astype(np.float32)]
+    assert pick() == fresh
+    np.testing.assert_array_equal(logits, before)
 
 
 def test_a_batch_picks_what_each_row_picks_alone():
