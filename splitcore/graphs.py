@@ -52,7 +52,8 @@ class GraphRunner:
         path = bundle.path(self.spec.file)
         log.info("loading %s graph %s (%s weights) on %s", which, path, self.spec.weights, chosen[0])
         try:
-            self.session = ort.InferenceSession(str(path), session_options(intra_op_threads), providers=chosen)
+            options = session_options(intra_op_threads, spinning=chosen[0] == "CPUExecutionProvider")
+            self.session = ort.InferenceSession(str(path), options, providers=chosen)
         except Exception as e:  # onnxruntime raises its own exception types for unreadable or invalid graphs
             raise ManifestError(f"onnxruntime cannot load {path}: {_gist(str(e))}") from None
         self.providers = active_providers(providers, chosen, self.session.get_providers())

@@ -48,21 +48,23 @@ def active_providers(requested: Sequence[str] | None, chosen: Sequence[str], act
     return list(active)
 
 
-def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
+def session_options(intra_op_threads: int = 0, spinning: bool = True) -> ort.SessionOptions:
     """Session options for latency-bound decoding.
 
-    Intra-op threads spin while a run is in progress (a decode step is hundreds of small kernels; waking sleeping
-    threads for each costs more than the kernel) and stop spinning the moment the run returns
-    (``session.force_spinning_stop``), so a head and a tail in one process, or a client and a service on one
+    On CPU (``spinning``), intra-op threads spin while a run is in progress (a decode step is hundreds of small
+    kernels; waking sleeping threads for each costs more than the kernel) and stop spinning the moment the run
+    returns (``session.force_spinning_stop``), so a head and a tail in one process, or a client and a service on one
     machine, do not steal each other's cores between runs. On a 2-core box, SmolLM2 int4-mlp split in process:
-    90 tok/s with spinning off, 65 with spinning left on after runs, 115 with spinning stopped after each run.
+    90 tok/s with spinning off, 65 with spinning left on after runs, 115 with spinning stopped after each run. A
+    graph on a GPU leaves the CPU pool idle through its runs: spinning there would only burn the host's cores
+    (every one of them, by default) beside the service's event loop.
     """
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     options.add_session_config_entry("session.force_spinning_stop", "1")
     options.log_severity_level = 3
     return options

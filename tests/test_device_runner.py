@@ -66,3 +66,14 @@ def test_a_requested_provider_that_did_not_start_is_an_error():
         active_providers(cuda_cpu, cuda_cpu, ["CPUExecutionProvider"])
     # Best-available (nothing requested) may fall back, and says so in the log.
     assert active_providers(None, cuda_cpu, ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+
+
+def test_cpu_graphs_spin_only_while_a_run_is_in_progress(server):
+    """CPU intra-op threads spin during a run (a decode step is hundreds of small kernels) and stop when it returns;
+    a GPU graph's session does not spin at all (its CPU pool idles through every run)."""
+    from splitcore.providers import session_options
+
+    options = TailRunner(server).session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+    assert session_options(spinning=False).get_session_config_entry("session.intra_op.allow_spinning") == "0"
