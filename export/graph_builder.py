@@ -28,7 +28,7 @@ from splitcore.manifest import GraphSpec, TensorSpec
 log = logging.getLogger(__name__)
 
 # Bumped whenever the graphs this module writes change, so `make export` re-exports bundles made by older code.
-GRAPH_REVISION = 6
+GRAPH_REVISION = 7
 OPSET = 17
 # onnx 1.23 writes IR 14 by default, which onnxruntime-gpu up to 1.31 (the tail image) refuses; every onnxruntime
 # since 1.20 reads IR 10.
@@ -163,8 +163,16 @@ class GraphBuilder:
         attended = self.linear(context, attn.o_proj.weight, attn.o_proj.bias, f"{prefix}.attn.o_proj")
         normed, residual = self.skip_rms_norm(attended, residual, layer.post_attention_layernorm.weight,
                                               f"{prefix}.post_attention_layernorm")
-        gate = self.linear(normed, mlp.gate_proj.weight, mlp.gate_proj.bias, f"{prefix}.mlp.gate_proj")
-        up = self.linear(normed, mlp.up_proj.weight, mlp.up_proj.bias, f"{prefix}.mlp.up_proj")
+        # Gate and up as one matmul, split after: one kernel launch instead of two per layer (each output column is
+        # quantized on its own, so the stored weights and the results are the same as two separate matmuls).
+        gate_up_bias = None
+        if mlp.gate_proj.bias is not None:
+            gate_up_bias = torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias], dim=0)
+        gate_up = self.linear(normed, torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], dim=0), gate_up_bias,
+                              f"{prefix}.mlp.gate_up_proj")
+        width = mlp.gate_proj.weight.shape[0]
+        halves = self.constant(f"{prefix}.mlp.halves", np.array([width, width], dtype=np.int64))
+        gate, up = self.node("Split", [gate_up, halves], [f"{prefix}.mlp.gate", f"{prefix}.mlp.up"], axis=-1)
         sigmoid = self.node("Sigmoid", [gate], [f"{prefix}.mlp.sigmoid"])[0]
         silu = self.node("Mul", [gate, sigmoid], [f"{prefix}.mlp.silu"])[0]
         product = self.node("Mul", [silu, up], [f"{prefix}.mlp.product"])[0]

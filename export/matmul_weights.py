@@ -29,7 +29,7 @@ BLOCK_SIZE = 32
 ACCURACY_LEVEL = 4
 FLOAT_SCHEMES = ("fp32", "fp16")
 QUANTIZED_SCHEMES = ("int8", "int4-mlp", "int4")
-MLP_4BIT = ("mlp.gate_proj", "mlp.up_proj")
+MLP_4BIT = ("mlp.gate_up_proj",)  # the MLP's gate and up projections, stored as one matrix
 
 
 @dataclass(frozen=True)

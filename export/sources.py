@@ -97,8 +97,12 @@ RANDOM_CONFIGS = {
         model_type="qwen2", **_TINY, tie_word_embeddings=True,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
     ),
+    # Llama with every bias transformers allows (attention_bias: q/k/v/o, mlp_bias: gate/up/down), nonzero below:
+    # the graphs pack q/k/v and gate/up into one matmul each, and their biases must be packed the same way.
+    "llama-bias-tiny": dict(model_type="llama", **_TINY, tie_word_embeddings=False, attention_bias=True,
+                            mlp_bias=True),
 }
-# Standard deviation of the random q/k/v biases of the random Qwen2 config.
+# Standard deviation of the random biases of the random configs that have biases.
 RANDOM_BIAS_STD = 0.5
 
 
@@ -180,7 +184,8 @@ def _randomize_biases(model: PreTrainedModel, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+            attn, mlp = layer.self_attn, layer.mlp
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
                 if proj.bias is not None:
                     proj.bias.copy_(torch.randn(proj.bias.shape, generator=generator) * RANDOM_BIAS_STD)
 

@@ -153,6 +153,25 @@ def test_qwen2_biases_are_nonzero_and_embeddings_tied(torch_model):
     assert model.config.rope_parameters["rope_theta"] >= 1e6
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_every_bias_survives_the_packed_projections(export_bundle, torch_model, k):
+    """q/k/v and gate/up are packed into one matmul each: a Llama with attention and MLP biases (all nonzero) must
+    give transformers' hidden states and logits, so the biases are packed in the same order as the weights."""
+    family = "random:llama-bias-tiny"
+    model = torch_model(family).model
+    for layer in model.model.layers:
+        for proj in (layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+            assert proj.bias is not None and proj.bias.abs().min() > 0
+    split = open_split(export_bundle(family, k))
+    ids = random_ids(model.config.vocab_size, LENGTH, seed=0)
+    ref_hidden, ref_logits = torch_forward(model, ids, k)
+    caches = new_caches(split, 1, LENGTH)
+    chunks = [extend(split, caches, ids[start:end]) for start, end in CHUNKS]
+    hidden = np.concatenate([h for h, _ in chunks])
+    parity.assert_close(f"{family} K={k} hidden_states", hidden, ref_hidden, parity.hidden_atol(ref_hidden))
+    parity.assert_close(f"{family} K={k} logits", np.concatenate([lg for _, lg in chunks]), ref_logits)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_manifest_records_the_family(export_bundle, torch_model, family):
     manifest = open_split(export_bundle(family, 2)).client.manifest

@@ -71,7 +71,7 @@ def test_block_quantization_round_trips_through_matmulnbits(bits):
 
 def test_int4_mlp_scheme_quantizes_gate_and_up_only():
     scheme = MatMulWeights("int4-mlp")
-    assert scheme.bits("layers.3.mlp.gate_proj") == scheme.bits("layers.3.mlp.up_proj") == 4
+    assert scheme.bits("layers.3.mlp.gate_up_proj") == 4
     assert scheme.bits("layers.3.mlp.down_proj") == scheme.bits("layers.3.attn.qkv_proj") == 8
     assert MatMulWeights("int4").bits("layers.0.attn.o_proj") == 4 and MatMulWeights("fp32").bits("lm_head") is None
 
