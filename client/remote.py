@@ -89,18 +89,22 @@ class RemoteTail:
         # model's context and takes what the service's KV slots hold.
         self.min_length: int | None = None
         self.replays = 0
+        # Called once, after this link's first answered step or when it closes (a spare waiting to open, say).
+        self.after_first_step: list[Callable[[], None]] = []
 
     @classmethod
     def open(cls, bundle: Bundle, settings: ClientSettings, params: SamplingParams,
              lm_head: LmHeadRunner | None = None, http: TailClient | None = None,
-             traffic: Traffic | None = None, background: bool = False, min_length: int | None = None) -> RemoteTail:
+             traffic: Traffic | None = None, background: bool = False, min_length: int | None = None,
+             held: bool = False) -> RemoteTail:
         """A link with its session open; ``background``: the session opens on a thread while the caller goes on
         (the head computes the prompt meanwhile), and the first step waits for it, so opening costs no round trip
-        of its own in the time to first token. An error opening it surfaces at that step."""
+        of its own in the time to first token. An error opening it surfaces at that step. ``held`` (with
+        ``background``): the thread waits for ``opening.release()`` (or the first step) before it opens."""
         tail = cls(bundle, settings, params, lm_head, http=http, traffic=traffic)
         tail.min_length = min_length
         if background:
-            tail.opening = Opening(tail)
+            tail.opening = Opening(tail, held)
             return tail
         try:
             tail.with_retries(tail.open_session)
@@ -167,6 +171,7 @@ class RemoteTail:
         self.sent.append(frame)
         self.length += seq
         self.traffic.steps += 1
+        self.first_step_done()
         first = past_length + seq - count
         for i, choice in enumerate(choices):
             self.history.add(choice.token, first + i)
@@ -296,10 +301,17 @@ class RemoteTail:
         self.http.request("DELETE", f"{protocol.SESSIONS_PATH}/{session_id}", self.headers,
                           timeout_s=min(self.settings.timeout_s, 5.0))
 
+    def first_step_done(self) -> None:
+        callbacks, self.after_first_step = self.after_first_step, []
+        for callback in callbacks:
+            callback()
+
     def close(self) -> None:
         """Delete the session on the server, off the caller's path (best effort); closing twice is harmless."""
+        self.first_step_done()
         if self.opening is not None:
             opening, self.opening = self.opening, None
+            opening.cancel()
             try:
                 opening.wait()
             except Exception:  # it never opened: nothing to delete
@@ -318,20 +330,41 @@ def traffic_report(counts: tuple[int, int, int, int]) -> str:
 
 
 class Opening:
-    """``open_session`` (with its retries) on a thread of its own; ``wait`` returns once it is done or re-raises."""
+    """``open_session`` (with its retries) on a thread of its own; ``wait`` returns once it is done or re-raises.
 
-    def __init__(self, tail: RemoteTail) -> None:
+    ``held``: the thread waits for ``release`` before opening (a long-lived client's next spare session opens after
+    the current conversation's first token, not during it); ``wait`` releases it first. ``cancel`` before the
+    release skips the open altogether (a spare closed unused).
+    """
+
+    def __init__(self, tail: RemoteTail, held: bool = False) -> None:
         self.error: BaseException | None = None
+        self.go = threading.Event()
+        self.cancelled = False
+        if not held:
+            self.go.set()
         self.thread = threading.Thread(target=self._run, args=(tail,), name="split-open-session", daemon=True)
         self.thread.start()
 
     def _run(self, tail: RemoteTail) -> None:
+        self.go.wait()
+        if self.cancelled:
+            return
         try:
             tail.with_retries(tail.open_session)
         except BaseException as e:  # handed to the caller's thread in wait()
             self.error = e
 
+    def release(self) -> None:
+        self.go.set()
+
+    def cancel(self) -> None:
+        """Skip the open if it has not started (one already under way finishes; its session is then deleted)."""
+        self.cancelled = True
+        self.go.set()
+
     def wait(self) -> None:
+        self.go.set()
         self.thread.join()
         if self.error is not None:
             raise self.error

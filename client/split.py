@@ -62,10 +62,10 @@ class Split:
             self.close()
             raise
 
-    def _open_spare(self) -> RemoteTail:
+    def _open_spare(self, held: bool = False) -> RemoteTail:
         settings = self.settings.model_copy(update={"max_length": self.context})
         return RemoteTail.open(self.bundle, settings, sampling(self.settings), self.lm_head, self.http, self.traffic,
-                               background=True, min_length=1)
+                               background=True, min_length=1, held=held)
 
     def _load(self, settings: ClientSettings, local: bool) -> None:
         self.links: list[TailLink] = []
@@ -113,8 +113,13 @@ class Split:
         elif self.spare is not None and params == self.spare.params:
             link, self.spare = self.spare, None
             link.min_length = required or 1
+            if link.opening is not None:
+                link.opening.release()  # a spare still held back opens now, beside this conversation's prefill
             if self.keep_spare:
-                self.spare = self._open_spare()
+                # The next conversation's session opens once this one has its first token: opening it now would
+                # compete with this prefill for the cores and the service (~2 ms of time to first token).
+                self.spare = self._open_spare(held=True)
+                link.after_first_step.append(self.spare.opening.release)
         else:
             settings = self.settings.model_copy(update={"max_length": max_length})
             link = RemoteTail.open(self.bundle, settings, params, self.lm_head, self.http, self.traffic,
@@ -129,9 +134,9 @@ class Split:
         self.links.clear()
 
     def close(self) -> None:
-        self.close_links()
-        if self.spare is not None:
+        if self.spare is not None:  # first: closing the links would release a spare held back, only to delete it
             self.spare.close()
             self.spare = None
+        self.close_links()
         if self.http is not None:
             self.http.close()

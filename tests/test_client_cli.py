@@ -257,11 +257,29 @@ def test_a_long_lived_client_opens_each_next_session_ahead_of_its_conversation(o
     try:
         for _ in range(3):
             list(split.generator(max_length=16).generate([5, 6, 7], 2))
-        opens = [r for r in tail.requests if r.path == "/v1/sessions"]
+        opens = [tail.requests.index(r) for r in tail.requests if r.path == "/v1/sessions"]
         steps = [i for i, r in enumerate(tail.requests) if r.path.endswith("/steps")]
         assert len(opens) == 4  # one ahead of time, then one more per conversation
-        # The third conversation's session was opened before the second conversation's last step.
-        assert tail.requests.index(opens[2]) < steps[-1]
+        # Each next session opens after the current conversation's first step (not during its prefill), and before
+        # the next conversation starts (2 tokens each: a prompt step, then one decode step).
+        for n in range(3):
+            assert steps[2 * n] < opens[n + 1], (n, opens, steps)
+            if n < 2:
+                assert opens[n + 1] < steps[2 * n + 2], (n, opens, steps)
     finally:
         split.close()
     assert len(tail.paths("DELETE")) == 4, "every session is deleted, the spare too"
+
+
+def test_a_spare_closed_unused_is_never_opened(out, tail):
+    """A spare held back until a conversation's first token is skipped when the client closes first."""
+    split = Split(ClientSettings(bundle=out, server_url=tail.url), local=False, keep_spare=True)
+    split.spare.opening.wait()  # the first spare: opened at start-up
+    generator = split.generator(max_length=16)  # takes it; the next one is held back
+    held = split.spare
+    started = time.monotonic()
+    split.close()
+    assert time.monotonic() - started < 5
+    assert held.session_id is None
+    assert len([r for r in tail.requests if r.path == "/v1/sessions"]) == 1
+    assert generator.tail.session_id is None  # closed: its session deleted in the background
