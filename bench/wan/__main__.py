@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
              "no proxy", "TTFT runs from opening the turn to the first token; its session was opened during the "
              "previous turn (the client keeps a spare, as the gateway does), and the previous turn's session DELETE "
              "is finished before the clock starts; opening the next turn's spare (a small JSON request on a "
-             "thread) falls inside a turn, its time and bytes included",
+             "thread, after the turn's first token) falls inside a turn, its bytes counted with its decode",
              "connections are warm (one pool per client process, as in a chat or the gateway): a fresh "
              "`python -m client` process pays one more RTT to connect"]
     try:
