@@ -7,6 +7,7 @@ the tail service, so every conversation reuses its connections and TLS context.
 from __future__ import annotations
 
 import logging
+import threading
 
 from client.bundles import find_bundle
 from client.http import TailClient, Traffic
@@ -42,9 +43,9 @@ class Split:
     """The head, and a factory of tail links (in process with ``local``, else on the tail service)."""
 
     def __init__(self, settings: ClientSettings, local: bool, keep_spare: bool = False) -> None:
-        """``keep_spare``: after a conversation takes the session opened ahead of time, open the next one at once,
-        so later conversations (the gateway's requests) skip the open's round trip too; it holds one idle session on
-        the service, deleted on close."""
+        """``keep_spare``: after a conversation takes the session opened ahead of time, open the next one (once that
+        conversation has its first token), so later conversations (the gateway's requests) skip the open's round
+        trip too; it holds one idle session on the service, deleted on close."""
         self.settings = settings
         self.keep_spare = keep_spare
         self.bundle = find_bundle(settings.bundle, "client")
@@ -53,6 +54,7 @@ class Split:
                                                   settings.max_response_bytes)
         self.traffic = Traffic()  # every remote link's bytes, added up
         self.lm_head = lm_head(self.bundle, settings)
+        self.spare_lock = threading.Lock()
         # The first conversation's session opens now, while the head and the tokenizer load, so neither a command
         # line run nor the first request to the gateway waits a round trip for it.
         self.spare: RemoteTail | None = None if local else self._open_spare()
@@ -108,18 +110,23 @@ class Split:
         # with what the service's KV slots hold (at least one position).
         required = max_length
         max_length = max_length or self.context
+        spare = next_spare = None
+        if self.local_tail is None:
+            with self.spare_lock:  # the gateway opens conversations from several threads: one taker per spare
+                if self.spare is not None and params == self.spare.params:
+                    spare = self.spare
+                    # The next conversation's session opens once this one has its first token: opening it now
+                    # would compete with this prefill for the cores and the service (~2 ms of time to first token).
+                    self.spare = next_spare = self._open_spare(held=True) if self.keep_spare else None
         if self.local_tail is not None:
             link: TailLink = LocalTail(self.local_tail, params, self.lm_head, max_length)
-        elif self.spare is not None and params == self.spare.params:
-            link, self.spare = self.spare, None
-            link.min_length = required or 1
-            if link.opening is not None:
-                link.opening.release()  # a spare still held back opens now, beside this conversation's prefill
-            if self.keep_spare:
-                # The next conversation's session opens once this one has its first token: opening it now would
-                # compete with this prefill for the cores and the service (~2 ms of time to first token).
-                self.spare = self._open_spare(held=True)
-                link.after_first_step.append(self.spare.opening.release)
+        elif spare is not None:
+            link = spare
+            spare.min_length = required or 1
+            if spare.opening is not None:
+                spare.opening.release()  # a spare still held back opens now, beside this conversation's prefill
+            if next_spare is not None:
+                spare.after_first_step.append(next_spare.opening.release)
         else:
             settings = self.settings.model_copy(update={"max_length": max_length})
             link = RemoteTail.open(self.bundle, settings, params, self.lm_head, self.http, self.traffic,
@@ -134,9 +141,10 @@ class Split:
         self.links.clear()
 
     def close(self) -> None:
-        if self.spare is not None:  # first: closing the links would release a spare held back, only to delete it
-            self.spare.close()
-            self.spare = None
+        with self.spare_lock:
+            spare, self.spare = self.spare, None
+        if spare is not None:  # first: closing the links would release a spare held back, only to delete it
+            spare.close()
         self.close_links()
         if self.http is not None:
             self.http.close()

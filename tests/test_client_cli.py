@@ -271,6 +271,45 @@ def test_a_long_lived_client_opens_each_next_session_ahead_of_its_conversation(o
     assert len(tail.paths("DELETE")) == 4, "every session is deleted, the spare too"
 
 
+def test_conversations_opened_from_many_threads_never_share_a_spare(out, tail):
+    """The gateway opens conversations on several threads at once: each spare goes to one of them only."""
+    import threading
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch between almost every bytecode: a check-then-take race shows
+    try:
+        for _ in range(10):
+            split = Split(ClientSettings(bundle=out, server_url=tail.url), local=False, keep_spare=True)
+            first_spare = split.spare
+            links, start = [], threading.Barrier(8)
+
+            def take(split=split, links=links, start=start) -> None:
+                start.wait()
+                links.append(split.new_generator(split_params(split)).tail)
+
+            threads = [threading.Thread(target=take) for _ in range(8)]
+            try:
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join(10)
+                assert len(links) == 8 and len({id(link) for link in links}) == 8 and None not in links
+                assert sum(link is first_spare for link in links) == 1
+            finally:
+                for link in links:
+                    if link is not None:
+                        link.close()
+                split.close()
+    finally:
+        sys.setswitchinterval(interval)
+
+
+def split_params(split: Split):  # noqa: ANN201 - the sampling parameters a Split's spare was opened with
+    from client.split import sampling
+
+    return sampling(split.settings)
+
+
 def test_a_spare_closed_unused_is_never_opened(out, tail):
     """A spare held back until a conversation's first token is skipped when the client closes first."""
     split = Split(ClientSettings(bundle=out, server_url=tail.url), local=False, keep_spare=True)
