@@ -35,6 +35,22 @@ def test_prompt_lookup_proposes_the_continuation_of_the_most_recent_match():
     assert lookup.length == 2
 
 
+def test_outright_rejections_raise_the_match_a_draft_needs():
+    from splitcore.drafting import REJECTIONS_PER_TOKEN
+
+    lookup = PromptLookup(max_draft=4)
+    history = [5, 1, 2, 3, 9, 4, 6, 3]  # the last token, 3, matched alone (after 1 2); "6 3" matched nowhere
+    assert lookup.propose(history, limit=4) == [9, 4, 6, 3]
+    lookup.update(proposed=4, accepted=0)
+    for _ in range(REJECTIONS_PER_TOKEN - 1):
+        assert lookup.propose(history, limit=4) == [9]  # still drafts on a one-token match (the length shrank)
+        lookup.update(proposed=1, accepted=0)
+    assert lookup.propose(history, limit=4) == []  # enough misses in a row: one token of match is not enough
+    assert lookup.propose([1, 2, 3, 9, 1, 2], limit=4) == [3]  # a two-token match still is
+    lookup.update(proposed=1, accepted=1)  # one kept token lowers the bar again
+    assert lookup.propose(history, limit=4) == [9, 4]
+
+
 @pytest.mark.parametrize("k", [1, 3])
 def test_greedy_output_is_identical_with_drafts_kept_and_rejected(export_bundle, k):
     client, server = bundles(export_bundle(TINY, k))
