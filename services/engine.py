@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 SWEEP_INTERVAL_S = 10.0
 # Gathering a batch stops when no step arrived for this long (the sessions missing from it may have ended).
 ARRIVAL_GAP_S = 0.010
+# Weight of the latest return gap in a session's moving average (services/scheduler.py, gather_until).
+RETURN_GAP_WEIGHT = 0.3
 
 
 @dataclass
@@ -188,10 +190,11 @@ class Engine:
             self._deliver(plan, time.perf_counter() - started)
 
     async def _gather(self) -> None:
-        """Wait briefly for the steps of the sessions the previous step answered, which are on their way."""
-        if not self.scheduler.expected():
+        """Wait briefly for the steps of the sessions the previous step answered, which are on their way (only those
+        that usually come back within ``batch_gather_ms``: see ``Scheduler.gather_until``)."""
+        deadline = self.scheduler.gather_until(time.monotonic(), self.settings.batch_gather_ms / 1000)
+        if deadline is None:
             return
-        deadline = time.monotonic() + self.settings.batch_gather_ms / 1000
         while self.scheduler.expected() and (left := deadline - time.monotonic()) > 0:
             self.wake.clear()
             try:
@@ -278,6 +281,10 @@ class Engine:
         if target < length:
             self.pool.truncate(session.slot, target)
             session.history.rollback(target)
+        if session.answered_at is not None:  # how long this client takes to come back, for _gather
+            gap = time.monotonic() - session.answered_at
+            session.return_gap = gap if session.return_gap is None else (
+                RETURN_GAP_WEIGHT * gap + (1 - RETURN_GAP_WEIGHT) * session.return_gap)
         session.floor, session.busy = target, True
         self.scheduler.add(Work(session, request.hidden, request.keep, request.samples, target, command.done))
 
@@ -290,6 +297,7 @@ class Engine:
             session = work.session
             session.busy = False
             session.last_used = self.clock()
+            session.answered_at = time.monotonic()
             if work.error is not None:
                 if session.open:  # back to where the step started, so the client can retry it
                     self.pool.truncate(session.slot, min(work.start, self.table.length(session)))

@@ -23,9 +23,16 @@ import numpy as np
 from services.sessions import Session
 from splitcore.sampling import Choice
 
-# Prompts are cut into chunks while another open session stepped this recently (it is generating: its next step is
-# on its way, and must not wait behind whole prompts).
+# Prompts are cut into chunks while another open session stepped this recently and is still generating (its next
+# step is on its way, and must not wait behind whole prompts; see ``generating``).
 ACTIVE_RECENTLY_S = 1.0
+
+# A session's next step is expected within its usual return gap times this, plus this margin.
+RETURN_SLACK = 1.5
+RETURN_MARGIN_S = 0.002
+# A session that stepped recently still counts as generating (prompts are chunked for it) until its next step is
+# overdue: its usual return gap times RETURN_SLACK, and at least this long.
+GENERATING_FLOOR_S = 0.1
 
 
 @dataclass(eq=False)
@@ -106,6 +113,27 @@ class Scheduler:
         not arrived yet."""
         return sum(1 for s in self.expecting if s.open and not s.busy)
 
+    def gather_until(self, now: float, window_s: float) -> float | None:
+        """Until when a step should wait for the expected sessions' next steps (None: run now).
+
+        A session is waited for only while its next step is due within the window: the time it usually takes to
+        come back after an answer (its client's compute plus the round trip), with some slack. A session 30 ms away
+        is not waited for by its neighbours on every step, nor one that stopped (its step is overdue); one that has
+        not come back even once yet is waited for the whole window, as all were before it had a history.
+        """
+        until = None
+        for session in self.expecting:
+            if not session.open or session.busy:
+                continue
+            if session.return_gap is None or session.answered_at is None:
+                due = now + window_s
+            else:
+                due = session.answered_at + session.return_gap * RETURN_SLACK + RETURN_MARGIN_S
+                if not now < due <= now + window_s:
+                    continue
+            until = due if until is None else max(until, due)
+        return until
+
     def plan(self) -> Plan:
         plan = Plan()
         while self.decode and len(plan.decode) < self.max_batch:
@@ -115,7 +143,7 @@ class Scheduler:
             self.active_at.update((w.session, now) for w in plan.decode)
         self.active_at = {s: t for s, t in self.active_at.items() if now - t < ACTIVE_RECENTLY_S and s.open}
         prefilling = {w.session for w in self.prefill}
-        others_active = any(s not in prefilling for s in self.active_at)
+        others_active = any(s not in prefilling and generating(s, now) for s in self.active_at)
         budget = max(self.token_budget - len(plan.decode), 1) if others_active else None
         for work in self.prefill:
             if budget is not None and budget <= 0:
@@ -136,6 +164,14 @@ class Scheduler:
                 self.prefill.remove(chunk.work)
                 self.active_at[chunk.work.session] = now
                 self.expecting.append(chunk.work.session)
+
+
+def generating(session: Session, now: float) -> bool:
+    """Whether a session that stepped recently is still generating: its step is queued, or its next one is not
+    overdue yet (a client that finished its answer, or went quiet, no longer has prompts cut up for it)."""
+    if session.busy or session.return_gap is None or session.answered_at is None:
+        return True
+    return now < session.answered_at + max(session.return_gap * RETURN_SLACK, GENERATING_FLOOR_S)
 
 
 def chunk_size(work: Work, budget: int | None) -> int:

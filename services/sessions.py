@@ -33,6 +33,8 @@ class Session:
     floor: int = 0  # the length before the latest step: the shortest rollback allowed (X-Keep-Length)
     busy: bool = False  # a step of it is queued or running
     open: bool = field(default=True)
+    answered_at: float | None = None  # time.monotonic() of its latest answer
+    return_gap: float | None = None  # how long its next step takes to arrive after an answer (moving average)
 
 
 class SessionTable:

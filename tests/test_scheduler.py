@@ -249,3 +249,65 @@ def test_a_non_finite_output_is_refused_and_the_step_rolled_back(tail):
     error, length, fine = asyncio.run(scenario())
     assert error is not None and "not finite" in str(error) and length == 0
     parity.assert_close("after the refusal", fine.output[-1], solo(tail, [prompt])[0], atol=1e-5, rtol=1e-5)
+
+
+def test_a_step_waits_only_for_sessions_due_back_within_the_window():
+    """gather_until: a session that comes back within the window is waited for (until it is due), one far away or
+    overdue is not, and one with no history yet is waited for the whole window, as before."""
+    from services.scheduler import RETURN_MARGIN_S, RETURN_SLACK
+
+    scheduler = Scheduler(max_batch=8, token_budget=32, clock=lambda: 0.0)
+    near, far, gone, new = session(0), session(1), session(2), session(3)
+    now, window = 100.0, 0.020
+    near.answered_at, near.return_gap = now - 0.001, 0.004  # its client answers in ~4 ms: due in a few ms
+    far.answered_at, far.return_gap = now - 0.001, 0.060  # a client 60 ms away: not worth holding a step for
+    gone.answered_at, gone.return_gap = now - 0.500, 0.004  # overdue by far: it stopped
+    scheduler.expecting = [far, gone]
+    assert scheduler.gather_until(now, window) is None
+    scheduler.expecting = [near, far, gone]
+    due = near.answered_at + 0.004 * RETURN_SLACK + RETURN_MARGIN_S
+    assert scheduler.gather_until(now, window) == pytest.approx(due)
+    near.busy = True  # its step arrived
+    assert scheduler.gather_until(now, window) is None
+    scheduler.expecting = [far, new]
+    assert scheduler.gather_until(now, window) == pytest.approx(now + window)
+
+
+def test_a_session_that_steps_learns_how_long_its_client_takes(tail):
+    """The engine records each session's return gap when its next step arrives after an answer."""
+    size = tail.bundle.manifest.model.hidden_size
+
+    async def scenario():
+        engine = engine_for(tail)
+        engine.start()
+        try:
+            opened = await engine.open(OpenRequest(None, SamplingParams(), 0, []))
+            hidden = np.zeros((1, 3, size), np.float32)
+            await engine.step(request(opened.id, hidden, 0))
+            assert opened.answered_at is not None and opened.return_gap is None
+            await asyncio.sleep(0.03)
+            await engine.step(request(opened.id, hidden[:, :1], 3))
+            assert opened.return_gap is not None and opened.return_gap >= 0.03
+        finally:
+            await engine.stop()
+
+    asyncio.run(scenario())
+
+
+def test_prompts_run_whole_beside_a_session_whose_client_went_quiet():
+    """A newcomer's prompt is chunked while another session is generating, not once that session's next step is
+    overdue (its client finished its answer): then the prompt runs in one piece."""
+    from services.scheduler import generating
+
+    clock = [100.0]
+    scheduler = Scheduler(max_batch=8, token_budget=4, clock=lambda: clock[0])
+    decoder, newcomer = session(0), session(1)
+    scheduler.add(work(decoder, 1))
+    run(scheduler)  # the decoder stepped at t = 100
+    decoder.answered_at, decoder.return_gap = 100.0, 0.005
+    assert generating(decoder, 100.05)
+    scheduler.add(work(newcomer, 10))
+    assert [c.size for c in scheduler.plan().chunks] == [4]  # chunked: the decoder is still generating
+    clock[0] = 100.5  # its next step is overdue (0.5 s > max(1.5 x 5 ms, 0.1 s))
+    assert not generating(decoder, clock[0])
+    assert [c.size for c in scheduler.plan().chunks] == [10]  # the same prompt, now in one piece
