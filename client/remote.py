@@ -302,6 +302,8 @@ class RemoteTail:
                           timeout_s=min(self.settings.timeout_s, 5.0))
 
     def first_step_done(self) -> None:
+        if not self.after_first_step:  # every step after the first: nothing to do
+            return
         callbacks, self.after_first_step = self.after_first_step, []
         for callback in callbacks:
             callback()

@@ -110,29 +110,32 @@ class Split:
         # with what the service's KV slots hold (at least one position).
         required = max_length
         max_length = max_length or self.context
-        spare = next_spare = None
-        if self.local_tail is None:
-            with self.spare_lock:  # the gateway opens conversations from several threads: one taker per spare
-                if self.spare is not None and params == self.spare.params:
-                    spare = self.spare
-                    # The next conversation's session opens once this one has its first token: opening it now
-                    # would compete with this prefill for the cores and the service (~2 ms of time to first token).
-                    self.spare = next_spare = self._open_spare(held=True) if self.keep_spare else None
         if self.local_tail is not None:
             link: TailLink = LocalTail(self.local_tail, params, self.lm_head, max_length)
-        elif spare is not None:
-            link = spare
+        elif (spare := self._take_spare(params)) is not None:
             spare.min_length = required or 1
-            if spare.opening is not None:
-                spare.opening.release()  # a spare still held back opens now, beside this conversation's prefill
-            if next_spare is not None:
-                spare.after_first_step.append(next_spare.opening.release)
+            link = spare
         else:
             settings = self.settings.model_copy(update={"max_length": max_length})
             link = RemoteTail.open(self.bundle, settings, params, self.lm_head, self.http, self.traffic,
                                    background=True, min_length=required or 1)
         drafter = PromptLookup(self.settings.max_draft) if self.settings.speculate else None
         return SplitGenerator(self.head, link, self.settings.prefill_chunk, self.noise, drafter, max_length)
+
+    def _take_spare(self, params: SamplingParams) -> RemoteTail | None:
+        """The session opened ahead, when it was opened with ``params`` (one taker: the gateway opens conversations
+        from several threads). With ``keep_spare`` the next one opens once this conversation has its first token:
+        opening it now would compete with its prefill for the cores and the service (~2 ms of time to first token)."""
+        with self.spare_lock:
+            spare = self.spare
+            if spare is None or spare.params != params:
+                return None
+            self.spare = following = self._open_spare(held=True) if self.keep_spare else None
+        if spare.opening is not None:
+            spare.opening.release()  # a spare still held back opens now, beside this conversation's prefill
+        if following is not None:
+            spare.after_first_step.append(following.opening.release)
+        return spare
 
     def close_links(self) -> None:
         """Close the command line's links; a remote one deletes its session in the background."""

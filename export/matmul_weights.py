@@ -68,7 +68,7 @@ class MatMulWeights:
         358 MB) at no measurable cost in quality; float schemes, float16 graphs and rows that do not split into whole
         blocks keep a plain ``Gather``."""
         vocab, hidden = table.shape
-        if self.scheme in FLOAT_SCHEMES or builder.dtype != np.float32 or hidden % BLOCK_SIZE:
+        if self.embedding(builder.dtype, hidden) != "int8":
             return builder.node("Gather", [builder.constant(name + ".weight", table.astype(builder.dtype)), ids],
                                 [name + "/rows"])[0]
         packed, scales, zero_points = quantize_blocks(table.T, 8)

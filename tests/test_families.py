@@ -110,6 +110,17 @@ def random_ids(vocab: int, length: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(5, vocab, length, dtype=np.int64)
 
 
+def assert_chunks_equal_one_forward(split: Split, model, family: str, k: int) -> None:  # noqa: ANN001
+    """The split's hidden states and logits, fed in CHUNKS, equal one transformers forward over the same ids."""
+    ids = random_ids(model.config.vocab_size, LENGTH, seed=0)
+    ref_hidden, ref_logits = torch_forward(model, ids, k)
+    caches = new_caches(split, 1, LENGTH)
+    chunks = [extend(split, caches, ids[start:end]) for start, end in CHUNKS]
+    hidden = np.concatenate([h for h, _ in chunks])
+    parity.assert_close(f"{family} K={k} hidden_states", hidden, ref_hidden, parity.hidden_atol(ref_hidden))
+    parity.assert_close(f"{family} K={k} logits", np.concatenate([lg for _, lg in chunks]), ref_logits)
+
+
 def eos_ids(split: Split) -> list[int]:
     return split.client.manifest.tokenizer.eos_token_ids
 
@@ -163,13 +174,7 @@ def test_every_bias_survives_the_packed_projections(export_bundle, torch_model, 
         for proj in (layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
             assert proj.bias is not None and proj.bias.abs().min() > 0
     split = open_split(export_bundle(family, k))
-    ids = random_ids(model.config.vocab_size, LENGTH, seed=0)
-    ref_hidden, ref_logits = torch_forward(model, ids, k)
-    caches = new_caches(split, 1, LENGTH)
-    chunks = [extend(split, caches, ids[start:end]) for start, end in CHUNKS]
-    hidden = np.concatenate([h for h, _ in chunks])
-    parity.assert_close(f"{family} K={k} hidden_states", hidden, ref_hidden, parity.hidden_atol(ref_hidden))
-    parity.assert_close(f"{family} K={k} logits", np.concatenate([lg for _, lg in chunks]), ref_logits)
+    assert_chunks_equal_one_forward(split, model, family, k)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -194,13 +199,7 @@ def test_chunked_split_equals_one_transformers_forward(export_bundle, torch_mode
     """Every chunk's hidden states and logits equal one full forward's, positions past the window included."""
     split = open_split(export_bundle(family, k))
     model = torch_model(family).model
-    ids = random_ids(model.config.vocab_size, LENGTH, seed=0)
-    ref_hidden, ref_logits = torch_forward(model, ids, k)
-    caches = new_caches(split, 1, LENGTH)
-    chunks = [extend(split, caches, ids[start:end]) for start, end in CHUNKS]
-    hidden = np.concatenate([h for h, _ in chunks])
-    parity.assert_close(f"{family} K={k} hidden_states", hidden, ref_hidden, parity.hidden_atol(ref_hidden))
-    parity.assert_close(f"{family} K={k} logits", np.concatenate([lg for _, lg in chunks]), ref_logits)
+    assert_chunks_equal_one_forward(split, model, family, k)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -106,6 +106,15 @@ def request(sid: str, hidden: np.ndarray, past: int, keep_length: int | None = N
     return StepRequest(sid, hidden, past, keep_length, keep=1, samples=1)
 
 
+async def refusal(engine: Engine, step: StepRequest, kind: type[Exception]) -> Exception | None:
+    """The ``kind`` error ``step`` is refused with, or None when it is answered."""
+    try:
+        await engine.step(step)
+    except kind as e:
+        return e
+    return None
+
+
 def solo(tail: TailRunner, chunks: list[np.ndarray]) -> list[np.ndarray]:
     cache = tail.new_cache(64)
     return [tail.forward(h, cache)[0, -1] for h in chunks]
@@ -205,11 +214,7 @@ def test_a_failed_run_fails_its_step_rolls_it_back_and_the_loop_goes_on(tail):
             return forward(*args, **kwargs)
 
         engine.runner.tail = type("Failing", (), {"forward": staticmethod(failing), "decode_rows": tail.decode_rows})()
-        try:
-            await engine.step(request(opened.id, prompt, 0))
-            error = None
-        except RuntimeError as e:
-            error = e
+        error = await refusal(engine, request(opened.id, prompt, 0), RuntimeError)
         length = engine.pool.length(opened.slot)
         again = await engine.step(request(opened.id, prompt, 0))
         after = await engine.step(request(opened.id, nxt.astype(np.float32), 6))
@@ -235,11 +240,7 @@ def test_a_non_finite_output_is_refused_and_the_step_rolled_back(tail):
         poisoned = type("Poisoned", (), {"forward": staticmethod(lambda *a, **k: forward(*a, **k) * np.nan),
                                          "decode_rows": tail.decode_rows})()
         engine.runner.tail = poisoned
-        try:
-            await engine.step(request(opened.id, prompt, 0))
-            error = None
-        except InvalidRequest as e:
-            error = e
+        error = await refusal(engine, request(opened.id, prompt, 0), InvalidRequest)
         length = engine.pool.length(opened.slot)
         engine.runner.tail = tail
         fine = await engine.step(request(opened.id, prompt, 0))
