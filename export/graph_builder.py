@@ -28,7 +28,7 @@ from splitcore.manifest import GraphSpec, TensorSpec
 log = logging.getLogger(__name__)
 
 # Bumped whenever the graphs this module writes change, so `make export` re-exports bundles made by older code.
-GRAPH_REVISION = 7
+GRAPH_REVISION = 8
 OPSET = 17
 # onnx 1.23 writes IR 14 by default, which onnxruntime-gpu up to 1.31 (the tail image) refuses; every onnxruntime
 # since 1.20 reads IR 10.
@@ -192,13 +192,19 @@ class GraphBuilder:
         return normed
 
     def last_positions(self, x: str) -> str:
-        """The last ``logits_to_keep`` positions of x (0: all of them), as transformers counts them."""
+        """The last ``logits_to_keep`` positions of x (0: all of them), as transformers counts them.
+
+        The arithmetic reads only the sequence length (``Shape``, whose output lives in host memory on every
+        provider) and ``logits_to_keep`` itself, so onnxruntime runs it on the CPU beside a GPU graph and hands the
+        start to ``Slice`` in host memory: no copy between host and device, which would rule out CUDA graphs.
+        """
         seq = self.node("Shape", [x], ["kept/sequence"], start=1, end=2)[0]
-        keep = self.node("Reshape", [names.LOGITS_TO_KEEP, self.constant("kept/one_axis", np.array([1]))],
-                         ["kept/keep"])[0]
-        positive = self.node("Greater", [keep, self.constant("kept/zero", np.array([0]))], ["kept/positive"])[0]
-        count = self.node("Where", [positive, keep, seq], ["kept/count"])[0]
-        start = self.node("Sub", [seq, count], ["kept/start"])[0]
+        # seq - keep is the start when keep > 0 (a negative start, keep > seq, keeps everything); keep = 0 makes it
+        # seq itself, and then the start is 0.
+        tail_start = self.node("Sub", [seq, names.LOGITS_TO_KEEP], ["kept/tail_start"])[0]
+        positive = self.node("Less", [tail_start, seq], ["kept/positive"])[0]
+        start = self.node("Where", [positive, tail_start, self.constant("kept/zero", np.array([0]))],
+                          ["kept/start"])[0]
         end = self.constant("kept/end", np.array([np.iinfo(np.int64).max]))
         return self.node("Slice", [x, start, end, self.constant("kept/axis", np.array([1]))], ["kept/hidden"])[0]
 
