@@ -154,8 +154,9 @@ async def run_level(url: str, sha: str, hidden: int, sessions: int, prompt_len: 
 def kv_copy_check(server: Bundle, rows: int = 16, steps: int = 8, length: int = 256) -> dict:
     """KV bytes a batched decode step copies: run ``steps`` decode runs of ``rows`` slots exactly as the service's
     runner binds them (splitcore/kvpool.py), and count the bytes of every KV output onnxruntime returns that is not
-    the slots' own memory. Also checks that the buffers were never reallocated."""
-    tail = TailRunner(server, ["CPUExecutionProvider"])
+    the slots' own memory. Also checks that the buffers were never reallocated. On the provider the service gets
+    (the best available)."""
+    tail = TailRunner(server)
     pool = tail.new_pool(rows, length)
     slots = [pool.acquire() for _ in range(rows)]
     size = server.manifest.model.hidden_size

@@ -47,7 +47,7 @@ def load_service(settings: ServerSettings, bundle: Bundle | None = None,
     KV pool; every problem is a SplitError with one line to say. ``clock``: for session idleness (tests)."""
     bundle = bundle or load_bundle(settings.bundle, "server")
     check_manifest_facts(bundle)
-    tail = TailRunner(bundle, settings.providers or None, settings.intra_op_threads)
+    tail = TailRunner(bundle, settings.providers or None, settings.intra_op_threads, cuda_graphs=settings.cuda_graphs)
     manifest = bundle.manifest
     slot_length = min(settings.slot_length, manifest.model.max_position_embeddings)
     per_slot = manifest.kv_bytes_per_token(manifest.tail) * (slot_length + 1)
@@ -129,11 +129,13 @@ def create_app(settings: ServerSettings, bundle: Bundle | None = None, preloaded
     @app.get("/readyz", tags=["operations"])
     async def readyz(service: ServiceDep) -> JSONResponse:
         engine = service.engine
-        status = "failed" if engine.failed else "draining" if engine.draining else "ready"
+        status = ("failed" if engine.failed else "draining" if engine.draining else "warming" if engine.warming
+                  else "ready")
         body = {
             "status": status,
             "provider": service.tail.providers[0],
             "io_binding": True,
+            "cuda_graphs": service.tail.graphs is not None,
             "model": service.bundle.manifest.model.id,
             "layers": list(service.bundle.manifest.tail.layers),
             "manifest_sha256": service.bundle.manifest_sha256,

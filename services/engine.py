@@ -103,6 +103,8 @@ class Engine:
         self.failed: str | None = None
         self.stopping = False
         self.draining = False
+        # On CUDA, the decode steps' CUDA graphs are captured before the first request (see _capture_graphs).
+        self.warming = tail.graphs is not None
 
     # The handlers' side: enqueue and await.
 
@@ -169,6 +171,9 @@ class Engine:
     # The loop task: the only code that changes sessions, the pool and the queues.
 
     async def _loop(self) -> None:
+        if self.warming:
+            await asyncio.get_running_loop().run_in_executor(self.worker, self._capture_graphs)
+            self.warming = False
         while True:
             self._apply_inbox()
             if not self.scheduler.pending():
@@ -181,13 +186,27 @@ class Engine:
                 continue
             started = time.perf_counter()
             self.running = plan
-            if len(self.table.sessions) == 1 and not plan.chunks:
-                self.runner.execute(plan)  # one decode row: short, and nobody else waits for the loop
+            if len(self.table.sessions) == 1 and not plan.chunks and self.tail.graphs is None:
+                # One decode row on the CPU: short, and nobody else waits for the loop. (A GPU tail's CUDA graphs
+                # belong to the worker thread that captured them.)
+                self.runner.execute(plan)
             else:
                 await asyncio.get_running_loop().run_in_executor(self.worker, self.runner.execute, plan)
             self.running = None
             self.scheduler.finish(plan)
             self._deliver(plan, time.perf_counter() - started)
+
+    def _capture_graphs(self) -> None:
+        """On the worker thread, before the first request: capture every decode bucket's CUDA graph. A failure is
+        logged and the service serves on (each graph is then captured when first used)."""
+        started = time.perf_counter()
+        try:
+            count = self.tail.graphs.capture(self.pool, self.tail.bundle.manifest.model.hidden_size)
+        except Exception:  # noqa: BLE001 - onnxruntime's own exception types; the service still serves
+            log.exception("capturing the decode steps' CUDA graphs failed; each is captured on first use instead")
+            return
+        log.info("captured %d decode CUDA graphs (batch buckets up to %d rows) in %.1f s", count, self.pool.slots,
+                 time.perf_counter() - started)
 
     async def _gather(self) -> None:
         """Wait briefly for the steps of the sessions the previous step answered, which are on their way (only those

@@ -24,6 +24,10 @@ class ServerSettings(BaseSettings):
         description="onnxruntime providers, all required, e.g. [\"CUDAExecutionProvider\"]; empty: best available",
     )
     intra_op_threads: int = Field(0, ge=0, description="0 lets onnxruntime choose")
+    cuda_graphs: bool = Field(
+        True, description="on CUDA, replay decode steps as captured CUDA graphs (one per batch-size bucket); off: "
+        "every step launches its kernels one by one",
+    )
 
     # KV memory: ``max_sessions`` slots of ``slot_length`` positions, reserved at start-up (see splitcore/kvpool.py).
     max_sessions: int = Field(64, ge=1, description="KV slots, i.e. sessions open at once")

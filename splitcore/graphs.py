@@ -16,6 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from splitcore import names
+from splitcore.cudagraphs import DecodeGraphs
 from splitcore.errors import ManifestError, ShapeError, SplitError
 from splitcore.kvpool import KVPool, SlotShape
 from splitcore.manifest import Bundle, GraphSpec
@@ -40,6 +41,7 @@ class GraphRunner:
         providers: Sequence[str] | None = None,
         intra_op_threads: int = 0,
         device_id: int = 0,
+        cuda_graphs: bool = False,
     ) -> None:
         self.bundle = bundle
         spec = getattr(bundle.manifest, which)
@@ -51,11 +53,9 @@ class GraphRunner:
         chosen = choose_providers(providers)
         path = bundle.path(self.spec.file)
         log.info("loading %s graph %s (%s weights) on %s", which, path, self.spec.weights, chosen[0])
-        try:
-            options = session_options(intra_op_threads, spinning=chosen[0] == "CPUExecutionProvider")
-            self.session = ort.InferenceSession(str(path), options, providers=chosen)
-        except Exception as e:  # onnxruntime raises its own exception types for unreadable or invalid graphs
-            raise ManifestError(f"onnxruntime cannot load {path}: {_gist(str(e))}") from None
+        capture = cuda_graphs and chosen[0] == "CUDAExecutionProvider"
+        options = session_options(intra_op_threads, spinning=chosen[0] == "CPUExecutionProvider")
+        self.session, capture = _session(path, options, chosen, capture, device_id)
         self.providers = active_providers(providers, chosen, self.session.get_providers())
         self.device = DEVICES.get(self.providers[0])
         if self.device is None:
@@ -73,6 +73,14 @@ class GraphRunner:
         model = bundle.manifest.model
         start, end = self.spec.layers
         self.slot_shape = SlotShape(end - start, model.num_key_value_heads, model.head_dim, self.dtype)
+        # Decode steps replayed as CUDA graphs (splitcore/cudagraphs.py); every other run says it is not one.
+        self.graphs: DecodeGraphs | None = None
+        self._run_options: ort.RunOptions | None = None
+        if capture and self.device == "cuda":
+            self.graphs = DecodeGraphs(self.session, self.first_input, self.output_name, self.dtype,
+                                       self.output_dtype, self.output_width, self.spec.past, self.spec.present,
+                                       model.max_position_embeddings, device_id)
+            self._run_options = self.graphs.plain
 
     @property
     def num_layers(self) -> int:
@@ -111,7 +119,7 @@ class GraphRunner:
         # The output straight into a numpy array of its known shape: no wrapping of every bound output afterwards.
         output = np.empty((rows, kept, self.output_width), dtype=self.output_dtype)
         binding.bind_output(self.output_name, "cpu", 0, self.output_dtype, list(output.shape), output.ctypes.data)
-        self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding, self._run_options)
         return output
 
     def extend(self, first: np.ndarray, pool: KVPool, slot: int = 0, extra: dict[str, np.ndarray] | None = None
@@ -140,6 +148,11 @@ class GraphRunner:
         for slot in slots:
             pool.check_room(slot, 1)
         index = np.asarray(slots, dtype=np.int64)
+        if self.graphs is not None and not extra and self.graphs.usable(pool):
+            output = self.graphs.decode(first, pool, index)
+            if output is not None:
+                pool.lengths[index] += 1
+                return output
         lo, hi = int(index.min()), int(index.max()) + 1
         if hi - lo == len(slots):
             batch = np.empty((hi - lo, *first.shape[1:]), dtype=first.dtype)
@@ -150,6 +163,24 @@ class GraphRunner:
         output = self.run(batch, pool, lo, totals, extra)
         pool.lengths[index] += 1
         return output[index - lo]
+
+
+def _session(path, options: ort.SessionOptions, providers: list[str], capture: bool, device_id: int
+             ) -> tuple[ort.InferenceSession, bool]:
+    """An onnxruntime session over ``path`` and whether it may capture CUDA graphs: with ``capture`` its CUDA
+    provider is asked to, and where onnxruntime refuses that for this graph (a node it cannot place on the GPU) the
+    session is made without."""
+    if capture:
+        configured = [("CUDAExecutionProvider", {"enable_cuda_graph": "1", "device_id": str(device_id)}),
+                      *providers[1:]]
+        try:
+            return ort.InferenceSession(str(path), options, providers=configured), True
+        except Exception as e:  # noqa: BLE001 - onnxruntime's own exception types
+            log.warning("CUDA graphs are off for %s: %s", path, _gist(str(e)))
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers), False
+    except Exception as e:  # onnxruntime raises its own exception types for unreadable or invalid graphs
+        raise ManifestError(f"onnxruntime cannot load {path}: {_gist(str(e))}") from None
 
 
 def _gist(message: str, limit: int = 300) -> str:
@@ -191,8 +222,8 @@ class HeadRunner(GraphRunner):
 
 class TailRunner(GraphRunner):
     def __init__(self, bundle: Bundle, providers: Sequence[str] | None = None, intra_op_threads: int = 0,
-                 device_id: int = 0) -> None:
-        super().__init__(bundle, "tail", providers, intra_op_threads, device_id)
+                 device_id: int = 0, cuda_graphs: bool = False) -> None:
+        super().__init__(bundle, "tail", providers, intra_op_threads, device_id, cuda_graphs)
 
     def forward(self, hidden_states: np.ndarray, cache: KVPool, slot: int = 0, logits_to_keep: int = 1) -> np.ndarray:
         """Hidden states [1, seq, hidden] -> the tail's output for the last ``logits_to_keep`` positions (0: all).

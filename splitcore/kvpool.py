@@ -11,6 +11,7 @@ runs (on zeros) and writes one position past its length, which its next real ste
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,10 +34,14 @@ class SlotShape:
 class KVPool:
     """``slots`` sequences of up to ``max_length`` positions each, for one graph's layers, on one device."""
 
+    _serials = itertools.count(1)
+
     def __init__(self, shape: SlotShape, slots: int, max_length: int, device: str = "cpu", device_id: int = 0) -> None:
         if slots < 1 or max_length < 1:
             raise ValueError(f"a KV pool needs slots >= 1 and max_length >= 1, got {slots} and {max_length}")
         self.shape, self.slots, self.max_length = shape, slots, max_length
+        # Unique for the life of the process (unlike id()): what a captured CUDA graph of this pool is filed under.
+        self.serial = next(KVPool._serials)
         self.device, self.device_id = device, device_id
         self.buffer_length = max_length + 1
         dims = [slots, shape.kv_heads, self.buffer_length, shape.head_dim]

@@ -9,6 +9,7 @@ from conftest import TINY, bundles
 
 from services.app import load_service
 from services.settings import ServerSettings
+from splitcore.cudagraphs import bucket, buckets
 from splitcore.errors import SplitError
 from splitcore.graphs import TailRunner
 from splitcore.providers import active_providers
@@ -77,3 +78,30 @@ def test_cpu_graphs_spin_only_while_a_run_is_in_progress(server):
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
     assert options.get_session_config_entry("session.force_spinning_stop") == "1"
     assert session_options(spinning=False).get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_cuda_graph_buckets_cover_every_batch_with_few_graphs():
+    """A captured decode step covers the first ``rows`` slots: each batch runs in the smallest bucket that holds its
+    highest slot, and a pool of n slots needs about log2(n) graphs."""
+    assert buckets(1) == [1] and buckets(16) == [1, 2, 4, 8, 16] and buckets(12) == [1, 2, 4, 8, 12]
+    for slots in (1, 5, 16, 64):
+        for highest in range(1, slots + 1):
+            size = bucket(slots, highest)
+            assert highest <= size <= slots and (size == slots or size < 2 * highest), (slots, highest, size)
+
+
+def test_cuda_graphs_asked_for_on_the_cpu_change_nothing(server):
+    """The service asks for CUDA graphs by default; on the CPU provider there are none, steps run as before and the
+    engine does not wait to capture any."""
+    plain, asked = TailRunner(server), TailRunner(server, cuda_graphs=True)
+    assert asked.graphs is None
+    size = server.manifest.model.hidden_size
+    hidden = np.random.default_rng(2).standard_normal((2, 1, size)).astype(np.float32)
+    outputs = []
+    for tail in (plain, asked):
+        pool = tail.new_pool(2, 16)
+        slots = [pool.acquire() for _ in range(2)]
+        outputs.append(tail.decode_rows(hidden, pool, slots))
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+    service = load_service(ServerSettings(bundle=server.root, max_sessions=2, slot_length=16), server)
+    assert service.tail.graphs is None and service.engine.warming is False

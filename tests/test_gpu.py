@@ -87,11 +87,13 @@ def test_fp16_tail_on_cuda_agrees_with_fp32_on_cpu(split, model, k):
     assert drift.max_abs <= bound, drift.report(bound, 0.0)
 
 
+@pytest.mark.parametrize("graphs", [False, True], ids=["plain", "cuda-graph"])
 @pytest.mark.parametrize("model,k", MODELS)
-def test_batched_decode_on_cuda_equals_each_slot_alone_and_its_step_times(split, model, k):
+def test_batched_decode_on_cuda_equals_each_slot_alone_and_its_step_times(split, model, k, graphs):
     """decode_rows over 16 slots of the GPU pool equals each slot run alone; prints batch 1/4/16 step times."""
     _, server16 = split(model, k, "fp16")
-    tail = TailRunner(server16, CUDA)
+    tail = TailRunner(server16, CUDA, cuda_graphs=graphs)
+    assert (tail.graphs is not None) == graphs, "onnxruntime refused CUDA graphs for this tail (see the log)"
     size = server16.manifest.model.hidden_size
     rng = np.random.default_rng(0)
     pool = tail.new_pool(16, 256)
@@ -122,8 +124,50 @@ def test_batched_decode_on_cuda_equals_each_slot_alone_and_its_step_times(split,
                 pool.truncate(slot, 8 + slot)
             tail.decode_rows(hidden[:rows], pool, run)
         timings[rows] = (time.perf_counter() - started) / 20 * 1e3
-    print(f"\n{model} K={k} fp16 on {tail.providers[0]}: decode step of batch 1/4/16: "
+    print(f"\n{model} K={k} fp16 on {tail.providers[0]}{' with CUDA graphs' if graphs else ''}: decode step of "
+          "batch 1/4/16: "
           + " / ".join(f"{timings[r]:.2f} ms" for r in (1, 4, 16)))
+
+
+def test_cuda_graph_decode_follows_rows_joining_leaving_and_prompts_between(split):
+    """Captured decode steps read each row's length from the device at every replay: rows join, leave and sit idle,
+    prompt chunks run (uncaptured) in between, and every output and every cached position equals the plain run's."""
+    _, server16 = split(TINY, 2, "fp16")
+    plain, graph = TailRunner(server16, CUDA), TailRunner(server16, CUDA, cuda_graphs=True)
+    assert graph.graphs is not None, "onnxruntime refused CUDA graphs for this tail (see the log)"
+    size = server16.manifest.model.hidden_size
+    rng = np.random.default_rng(1)
+    pools = [plain.new_pool(8, 128), graph.new_pool(8, 128)]
+    for pool in pools:
+        for _ in range(8):
+            pool.acquire()
+
+    def both(step, *args):
+        want, got = step(plain, pools[0], *args), step(graph, pools[1], *args)
+        parity.assert_close("outputs", got.astype(np.float32), want.astype(np.float32), atol=5e-2, rtol=5e-2)
+        return want, got
+
+    for slot in range(8):
+        prefix = rng.standard_normal((1, 3 + 2 * slot, size)).astype(np.float16)
+        both(lambda runner, pool, x, s: runner.forward(x, pool, s), prefix, slot)
+    agree = total = 0
+    for step in range(30):
+        rows = sorted(rng.choice(8, size=int(rng.integers(1, 9)), replace=False).tolist())
+        hidden = rng.standard_normal((len(rows), 1, size)).astype(np.float16)
+        want, got = both(lambda runner, pool, x, r: runner.decode_rows(x, pool, r), hidden, rows)
+        agree += int((got.argmax(-1) == want.argmax(-1)).sum())
+        total += len(rows)
+        if step % 7 == 3:  # a new chat turn on one slot: a 3-position chunk, a plain run in the graph's session
+            chunk = rng.standard_normal((1, 3, size)).astype(np.float16)
+            both(lambda runner, pool, x, s: runner.forward(x, pool, s), chunk, rows[0])
+    np.testing.assert_array_equal(pools[0].lengths, pools[1].lengths)
+    for slot in range(8):
+        for layer in range(graph.num_layers):
+            for kind in (0, 1):
+                parity.assert_close(f"slot {slot} layer {layer} kind {kind}",
+                                    pools[1].host_view(layer, kind, slot).astype(np.float32),
+                                    pools[0].host_view(layer, kind, slot).astype(np.float32), atol=5e-2, rtol=5e-2)
+    assert agree / total >= 0.95, f"argmax agreement {agree}/{total}"
 
 
 def test_service_on_cuda_reports_it_and_serves_the_same_tokens(split, tmp_path):
@@ -135,8 +179,13 @@ def test_service_on_cuda_reports_it_and_serves_the_same_tokens(split, tmp_path):
     try:
         import httpx
 
-        ready = httpx.get(f"{running.url}/readyz").json()
+        deadline = time.monotonic() + 60  # the service captures its decode CUDA graphs before it says ready
+        while (ready := httpx.get(f"{running.url}/readyz").json())["status"] == "warming":
+            assert time.monotonic() < deadline, ready
+            time.sleep(0.2)
+        assert ready["status"] == "ready", ready
         assert ready["provider"] == "CUDAExecutionProvider" and ready["io_binding"] is True, ready
+        assert ready["cuda_graphs"] is True, ready
         head = HeadRunner(client, CPU)
         prompt = list(range(60, 70))
         remote = RemoteTail.open(client, ClientSettings(server_url=running.url), SamplingParams())
