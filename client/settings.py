@@ -32,7 +32,9 @@ class ClientSettings(BaseSettings):
     max_response_bytes: int = Field(1 << 20, ge=1024, description="largest answer read from the tail service")
     max_length: int | None = Field(None, ge=1, description="positions to reserve on the server (None: its default)")
     prefill_chunk: int = Field(512, ge=1)
-    intra_op_threads: int = Field(0, ge=0, description="0 lets onnxruntime choose")
+    intra_op_threads: int = Field(
+        0, ge=0, description="threads per graph; 0: one per physical core this process may use, within a CPU quota",
+    )
     speculate: bool = Field(
         True, description="draft tokens by prompt lookup and let the tail verify several positions per round trip; "
         "the output is the same (greedy: identical; sampled: the same distribution)",

@@ -23,7 +23,9 @@ class ServerSettings(BaseSettings):
         default_factory=list,
         description="onnxruntime providers, all required, e.g. [\"CUDAExecutionProvider\"]; empty: best available",
     )
-    intra_op_threads: int = Field(0, ge=0, description="0 lets onnxruntime choose")
+    intra_op_threads: int = Field(
+        0, ge=0, description="threads per graph; 0: one per physical core this process may use, within a CPU quota",
+    )
     cuda_graphs: bool = Field(
         True, description="on CUDA, replay decode steps as captured CUDA graphs (one per batch-size bucket); off: "
         "every step launches its kernels one by one",

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import math
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import onnxruntime as ort
 
@@ -48,6 +51,49 @@ def active_providers(requested: Sequence[str] | None, chosen: Sequence[str], act
     return list(active)
 
 
+def cpu_threads() -> int:
+    """Threads for a CPU graph by default: the physical cores this process may run on (one per core: a second
+    hardware thread of a core adds little to these kernels), and no more than a cgroup CPU quota grants (a pod's
+    CPU limit), at least 1.
+
+    Why not onnxruntime's own default (0): it counts the machine's physical cores, ignoring quotas, and *pins* its
+    threads to them, so two processes on one machine (a client and a local service, or a service and its neighbour)
+    pile their threads onto the same cores. SmolLM2 int4-mlp split over HTTP on a 2-core box, alternating rounds:
+    91 tok/s with onnxruntime's pinned default, 104 with the same two threads unpinned.
+    """
+    try:
+        allowed = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        allowed = list(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in allowed:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(tuple((topology / name).read_text().strip() for name in ("physical_package_id", "core_id")))
+        except OSError:
+            cores.add(("", str(cpu)))
+    threads = len(cores)
+    quota = cgroup_cpus()
+    if quota is not None:
+        threads = min(threads, max(1, math.ceil(quota)))
+    return max(1, threads)
+
+
+def cgroup_cpus(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The CPUs a cgroup v2 (``cpu.max``) or v1 (``cpu.cfs_quota_us``) quota grants this process, if one is set."""
+    for quota_file, period_file in (("cpu.max", None), ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us")):
+        try:
+            fields = (root / quota_file).read_text().split()
+            quota = fields[0]
+            period = fields[1] if period_file is None else (root / period_file).read_text().strip()
+            if quota in ("max", "-1"):
+                return None
+            return int(quota) / int(period)
+        except (OSError, ValueError, IndexError, ZeroDivisionError):
+            continue
+    return None
+
+
 def session_options(intra_op_threads: int = 0, spinning: bool = True) -> ort.SessionOptions:
     """Session options for latency-bound decoding.
 
@@ -60,7 +106,7 @@ def session_options(intra_op_threads: int = 0, spinning: bool = True) -> ort.Ses
     (every one of them, by default) beside the service's event loop.
     """
     options = ort.SessionOptions()
-    options.intra_op_num_threads = intra_op_threads
+    options.intra_op_num_threads = intra_op_threads or cpu_threads()
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

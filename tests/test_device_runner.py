@@ -12,7 +12,7 @@ from services.settings import ServerSettings
 from splitcore.cudagraphs import bucket, buckets
 from splitcore.errors import SplitError
 from splitcore.graphs import TailRunner
-from splitcore.providers import active_providers
+from splitcore.providers import active_providers, session_options
 
 
 @pytest.fixture(scope="module")
@@ -72,12 +72,32 @@ def test_a_requested_provider_that_did_not_start_is_an_error():
 def test_cpu_graphs_spin_only_while_a_run_is_in_progress(server):
     """CPU intra-op threads spin during a run (a decode step is hundreds of small kernels) and stop when it returns;
     a GPU graph's session does not spin at all (its CPU pool idles through every run)."""
-    from splitcore.providers import session_options
-
     options = TailRunner(server).session.get_session_options()
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
     assert options.get_session_config_entry("session.force_spinning_stop") == "1"
     assert session_options(spinning=False).get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_cpu_threads_are_set_explicitly_within_the_cores_and_quota_given(tmp_path, monkeypatch):
+    """The sessions' thread count is always explicit (onnxruntime's own default pins its threads to cores, and two
+    processes on one machine then share the same ones): one per physical core this process may use, capped by a
+    cgroup CPU quota."""
+    from splitcore import providers
+
+    assert session_options().intra_op_num_threads == providers.cpu_threads() >= 1
+    assert session_options(3).intra_op_num_threads == 3
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert providers.cgroup_cpus(tmp_path) == 1.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert providers.cgroup_cpus(tmp_path) is None
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("50000\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert providers.cgroup_cpus(tmp_path) == 0.5
+    assert providers.cgroup_cpus(tmp_path / "absent") is None
+    monkeypatch.setattr(providers, "cgroup_cpus", lambda: 0.5)
+    assert providers.cpu_threads() == 1
 
 
 def test_cuda_graph_buckets_cover_every_batch_with_few_graphs():
