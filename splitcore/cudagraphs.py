@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -62,7 +63,8 @@ class DecodeGraphs:
     """The captured decode steps of one onnxruntime session (a GraphRunner on CUDA with ``enable_cuda_graph``)."""
 
     def __init__(self, session: ort.InferenceSession, first_input: str, output_name: str, dtype: np.dtype,
-                 output_dtype: np.dtype, output_width: int, past, present, positions: int, device_id: int) -> None:
+                 output_dtype: np.dtype, output_width: int, past: Sequence[tuple[str, str]],
+                 present: Sequence[tuple[str, str]], positions: int, device_id: int) -> None:
         self.session = session
         self.first_input, self.output_name = first_input, output_name
         self.dtype, self.output_dtype, self.output_width = dtype, output_dtype, output_width
