@@ -28,7 +28,7 @@ from splitcore.manifest import GraphSpec, TensorSpec
 log = logging.getLogger(__name__)
 
 # Bumped whenever the graphs this module writes change, so `make export` re-exports bundles made by older code.
-GRAPH_REVISION = 8
+GRAPH_REVISION = 9
 OPSET = 17
 # onnx 1.23 writes IR 14 by default, which onnxruntime-gpu up to 1.31 (the tail image) refuses; every onnxruntime
 # since 1.20 reads IR 10.
@@ -199,12 +199,13 @@ class GraphBuilder:
         start to ``Slice`` in host memory: no copy between host and device, which would rule out CUDA graphs.
         """
         seq = self.node("Shape", [x], ["kept/sequence"], start=1, end=2)[0]
-        # seq - keep is the start when keep > 0 (a negative start, keep > seq, keeps everything); keep = 0 makes it
-        # seq itself, and then the start is 0.
+        # seq - keep is the start when keep > 0, floored at 0 (keep > seq keeps everything: Slice would read a
+        # negative start from the end); keep = 0 makes it seq itself, and then the start is 0.
+        zero = self.constant("kept/zero", np.array([0]))
         tail_start = self.node("Sub", [seq, names.LOGITS_TO_KEEP], ["kept/tail_start"])[0]
         positive = self.node("Less", [tail_start, seq], ["kept/positive"])[0]
-        start = self.node("Where", [positive, tail_start, self.constant("kept/zero", np.array([0]))],
-                          ["kept/start"])[0]
+        floored = self.node("Max", [tail_start, zero], ["kept/floored"])[0]
+        start = self.node("Where", [positive, floored, zero], ["kept/start"])[0]
         end = self.constant("kept/end", np.array([np.iinfo(np.int64).max]))
         return self.node("Slice", [x, start, end, self.constant("kept/axis", np.array([1]))], ["kept/hidden"])[0]
 
@@ -222,7 +223,9 @@ class GraphBuilder:
         final_hidden_states or logits."""
         a, hidden = self.attention, self.model.config.hidden_size
         elem = TORCH_TO_ONNX[self.dtype]
-        cos, sin = rotary_tables(self.model, positions)
+        # One row past the model's positions: a full slot that sits in a batched decode run without a token of its
+        # own writes its scratch position (splitcore/kvpool.py), which is rotated like any other.
+        cos, sin = rotary_tables(self.model, positions + 1)
         self.constant("cos_cache", cos.astype(self.dtype))
         self.constant("sin_cache", sin.astype(self.dtype))
         inputs = []

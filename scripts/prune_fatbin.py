@@ -26,12 +26,14 @@ def prune(data: bytearray) -> tuple[int, int]:
     pos = 0
     while (start := data.find(MAGIC, pos)) >= 0:
         _, version, header, size = struct.unpack_from("<IHHQ", data, start)
-        if version != 1 or header != 16 or size > len(data):
+        if version != 1 or header != 16 or start + header + size > len(data):
             pos = start + 4
             continue
         entry, end, entries = start + header, start + header + size, []
         while entry < end:
             kind, _, entry_header, payload = struct.unpack_from("<HHIQ", data, entry)
+            if entry_header == 0 or entry + entry_header + payload > end:
+                break  # not an entry after all: leave the rest of this fatbin as it is
             arch = struct.unpack_from("<I", data, entry + 28)[0]
             entries.append((kind, arch, entry + entry_header, payload))
             entry += entry_header + payload

@@ -96,12 +96,15 @@ def main(argv: list[str] | None = None) -> int:
             for past in args.past:
                 past = min(past, spec.model.max_position_embeddings - args.steps - 2)
                 for batch in args.batch:
+                    declined = tail.graphs.plain_steps if tail.graphs else 0
                     try:
                         times = sorted(step_times(tail, past, batch, args.steps))
                     except Exception as e:  # noqa: BLE001 - report the configuration that failed, go on
                         print(f"{label:56s} {name:10s} past {past:5d} batch {batch:3d}: failed: {e}", flush=True)
                         continue
                     median, p90 = statistics.median(times), times[int(0.9 * (len(times) - 1))]
+                    if tail.graphs and tail.graphs.plain_steps > declined:
+                        print(f"{label}: {tail.graphs.plain_steps - declined} of these steps ran without a CUDA graph")
                     touched = weight_bytes(bundle) + batch * past * spec.kv_bytes_per_token(spec.tail)
                     share = touched / median / (peak * 1e9)
                     print(f"{label:56s} {name:10s} past {past:5d} batch {batch:3d}: step median "

@@ -3,9 +3,10 @@
 HTTP handlers only parse, call ``open`` / ``close`` / ``step`` (which put a command in the inbox and await its
 answer) and format. The loop task alone applies commands, between runs: a session closed while its step waited is
 answered 404, a step is checked against the session's positions at the moment it is accepted, and nothing changes
-a slot while the worker thread runs on it. Runs never overlap (one worker thread); a lone session's decode step runs
-on the loop itself, since nobody else waits and a thread hop is pure cost (prompts, which can take seconds, always
-go to the worker, so /healthz keeps answering).
+a slot while the worker thread runs on it. Runs never overlap (one worker thread); on a CPU a lone session's decode
+step runs on the loop itself, since nobody else waits and a thread hop is pure cost (prompts, which can take
+seconds, always go to the worker, so /healthz keeps answering). A GPU tail runs every step on the worker thread,
+where its CUDA graphs were captured at start (splitcore/cudagraphs.py).
 
 A watchdog (a done-callback on the loop and sweep tasks) turns an unexpected end of either into ``failed``: /healthz
 then answers 503 (so Kubernetes restarts the pod) and every waiting or later request gets 503 at once, not a hang.
@@ -104,7 +105,7 @@ class Engine:
         self.stopping = False
         self.draining = False
         # On CUDA, the decode steps' CUDA graphs are captured before the first request (see _capture_graphs).
-        self.warming = tail.graphs is not None
+        self.warming = tail.graphs is not None and tail.graphs.usable(self.pool)
 
     # The handlers' side: enqueue and await.
 
@@ -199,14 +200,15 @@ class Engine:
     def _capture_graphs(self) -> None:
         """On the worker thread, before the first request: capture every decode bucket's CUDA graph. A failure is
         logged and the service serves on (each graph is then captured when first used)."""
-        started = time.perf_counter()
+        started, graphs = time.perf_counter(), self.tail.graphs
         try:
-            count = self.tail.graphs.capture(self.pool, self.tail.bundle.manifest.model.hidden_size)
+            count = graphs.capture(self.pool, self.tail.bundle.manifest.model.hidden_size)
         except Exception:  # noqa: BLE001 - onnxruntime's own exception types; the service still serves
-            log.exception("capturing the decode steps' CUDA graphs failed; each is captured on first use instead")
+            log.exception("capturing the decode steps' CUDA graphs failed; decode steps run without them")
+            graphs.disabled = True
             return
-        log.info("captured %d decode CUDA graphs (batch buckets up to %d rows) in %.1f s", count, self.pool.slots,
-                 time.perf_counter() - started)
+        log.info("captured %d decode CUDA graphs (batch buckets up to %d rows) in %.1f s%s", count, self.pool.slots,
+                 time.perf_counter() - started, "" if not graphs.disabled else "; the rest run without")
 
     async def _gather(self) -> None:
         """Wait briefly for the steps of the sessions the previous step answered, which are on their way (only those

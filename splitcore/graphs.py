@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -165,7 +166,7 @@ class GraphRunner:
         return output[index - lo]
 
 
-def _session(path, options: ort.SessionOptions, providers: list[str], capture: bool, device_id: int
+def _session(path: Path, options: ort.SessionOptions, providers: list[str], capture: bool, device_id: int
              ) -> tuple[ort.InferenceSession, bool]:
     """An onnxruntime session over ``path`` and whether it may capture CUDA graphs: with ``capture`` its CUDA
     provider is asked to, and where onnxruntime refuses that for this graph (a node it cannot place on the GPU) the

@@ -42,6 +42,8 @@ def _lazy_zeros(dims: list[int], dtype: np.dtype) -> np.ndarray:
     """
     count = int(np.prod(dims))
     buffer = mmap.mmap(-1, max(count * dtype.itemsize, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # also where the kernel gives huge pages to every mapping (``always``)
+        buffer.madvise(mmap.MADV_NOHUGEPAGE)
     return np.frombuffer(buffer, dtype=dtype, count=count).reshape(dims)
 
 

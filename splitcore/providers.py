@@ -79,9 +79,18 @@ def cpu_threads() -> int:
     return max(1, threads)
 
 
-def cgroup_cpus(root: Path = Path("/sys/fs/cgroup")) -> float | None:
-    """The CPUs a cgroup v2 (``cpu.max``) or v1 (``cpu.cfs_quota_us``) quota grants this process, if one is set."""
-    for quota_file, period_file in (("cpu.max", None), ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us")):
+def cgroup_cpus(root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")) -> float | None:
+    """The CPUs a cgroup v2 (``cpu.max``) or v1 (``cpu.cfs_quota_us``) quota grants this process, if one is set: its
+    own cgroup's (as /proc/self/cgroup names it, for a host process under systemd's ``CPUQuota``), else the root's
+    (what a container sees)."""
+    candidates: list[tuple[str, str | None]] = []
+    try:
+        candidates += [(f"{line[4:]}/cpu.max", None) for line in membership.read_text().splitlines()
+                       if line.startswith("0::/") and len(line) > 4]
+    except OSError:
+        pass
+    candidates += [("cpu.max", None), ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us")]
+    for quota_file, period_file in candidates:
         try:
             fields = (root / quota_file).read_text().split()
             quota = fields[0]

@@ -257,6 +257,8 @@ def test_a_long_lived_client_opens_each_next_session_ahead_of_its_conversation(o
     try:
         for _ in range(3):
             list(split.generator(max_length=16).generate([5, 6, 7], 2))
+        # The last spare opens on its own thread, released by the third conversation's first step: let it finish.
+        split.spare.opening.thread.join(timeout=10)
         opens = [tail.requests.index(r) for r in tail.requests if r.path == "/v1/sessions"]
         steps = [i for i, r in enumerate(tail.requests) if r.path.endswith("/steps")]
         assert len(opens) == 4  # one ahead of time, then one more per conversation

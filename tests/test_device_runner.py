@@ -86,16 +86,24 @@ def test_cpu_threads_are_set_explicitly_within_the_cores_and_quota_given(tmp_pat
 
     assert session_options().intra_op_num_threads == providers.cpu_threads() >= 1
     assert session_options(3).intra_op_num_threads == 3
-    (tmp_path / "cpu.max").write_text("150000 100000\n")
-    assert providers.cgroup_cpus(tmp_path) == 1.5
-    (tmp_path / "cpu.max").write_text("max 100000\n")
-    assert providers.cgroup_cpus(tmp_path) is None
-    (tmp_path / "cpu.max").unlink()
-    (tmp_path / "cpu").mkdir()
-    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("50000\n")
-    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
-    assert providers.cgroup_cpus(tmp_path) == 0.5
-    assert providers.cgroup_cpus(tmp_path / "absent") is None
+    cgroups, membership = tmp_path / "cgroup", tmp_path / "membership"
+    cgroups.mkdir()
+    membership.write_text("0::/\n")  # a container: its own cgroup is the root of what it sees
+    (cgroups / "cpu.max").write_text("150000 100000\n")
+    assert providers.cgroup_cpus(cgroups, membership) == 1.5
+    (cgroups / "cpu.max").write_text("max 100000\n")
+    assert providers.cgroup_cpus(cgroups, membership) is None
+    (cgroups / "system.slice" / "split.service").mkdir(parents=True)  # a host process under systemd's CPUQuota
+    (cgroups / "system.slice" / "split.service" / "cpu.max").write_text("300000 100000\n")
+    membership.write_text("0::/system.slice/split.service\n")
+    assert providers.cgroup_cpus(cgroups, membership) == 3.0
+    (cgroups / "cpu.max").unlink()
+    membership.write_text("")
+    (cgroups / "cpu").mkdir()
+    (cgroups / "cpu" / "cpu.cfs_quota_us").write_text("50000\n")  # cgroup v1
+    (cgroups / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert providers.cgroup_cpus(cgroups, membership) == 0.5
+    assert providers.cgroup_cpus(tmp_path / "absent", membership) is None
     monkeypatch.setattr(providers, "cgroup_cpus", lambda: 0.5)
     assert providers.cpu_threads() == 1
 

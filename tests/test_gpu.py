@@ -124,14 +124,16 @@ def test_batched_decode_on_cuda_equals_each_slot_alone_and_its_step_times(split,
                 pool.truncate(slot, 8 + slot)
             tail.decode_rows(hidden[:rows], pool, run)
         timings[rows] = (time.perf_counter() - started) / 20 * 1e3
+    assert not graphs or tail.graphs.plain_steps == 0, "some decode steps did not run as CUDA graphs"
     print(f"\n{model} K={k} fp16 on {tail.providers[0]}{' with CUDA graphs' if graphs else ''}: decode step of "
           "batch 1/4/16: "
           + " / ".join(f"{timings[r]:.2f} ms" for r in (1, 4, 16)))
 
 
 def test_cuda_graph_decode_follows_rows_joining_leaving_and_prompts_between(split):
-    """Captured decode steps read each row's length from the device at every replay: rows join, leave and sit idle,
-    prompt chunks run (uncaptured) in between, and every output and every cached position equals the plain run's."""
+    """Captured decode steps read each row's length from the device at every replay: rows join, leave, sit idle and
+    roll back, sessions end and new ones take their slots, prompt chunks run (uncaptured) in between, and every output
+    and every cached position equals the plain run's."""
     _, server16 = split(TINY, 2, "fp16")
     plain, graph = TailRunner(server16, CUDA), TailRunner(server16, CUDA, cuda_graphs=True)
     assert graph.graphs is not None, "onnxruntime refused CUDA graphs for this tail (see the log)"
@@ -160,6 +162,16 @@ def test_cuda_graph_decode_follows_rows_joining_leaving_and_prompts_between(spli
         if step % 7 == 3:  # a new chat turn on one slot: a 3-position chunk, a plain run in the graph's session
             chunk = rng.standard_normal((1, 3, size)).astype(np.float16)
             both(lambda runner, pool, x, s: runner.forward(x, pool, s), chunk, rows[0])
+        if step % 5 == 2:  # speculation rolled back: the slot keeps two positions fewer
+            for pool in pools:
+                pool.truncate(rows[-1], max(1, pool.length(rows[-1]) - 2))
+        if step % 6 == 5:  # a session leaves and a new one takes its slot with its own prompt
+            for pool in pools:
+                pool.release(rows[0])
+                assert pool.acquire() == rows[0]
+            prompt = rng.standard_normal((1, 4, size)).astype(np.float16)
+            both(lambda runner, pool, x, s: runner.forward(x, pool, s), prompt, rows[0])
+    assert graph.graphs.plain_steps == 0 and graph.graphs.issued >= 1, "the decode steps did not run as CUDA graphs"
     np.testing.assert_array_equal(pools[0].lengths, pools[1].lengths)
     for slot in range(8):
         for layer in range(graph.num_layers):

@@ -113,9 +113,9 @@ def test_logits_to_keep_selects_the_last_positions(export_bundle):
     hidden = head.forward(np.arange(10, 17, dtype=np.int64)[None, :], head.new_cache())
     full = tail.forward(hidden, tail.new_cache(), logits_to_keep=0)
     assert full.shape == (1, 7, client.manifest.model.vocab_size)
-    for keep in (1, 3):
+    for keep in (1, 3, 7, 8, 20):  # as transformers counts: more than the sequence keeps all of it
         kept = tail.forward(hidden, tail.new_cache(), logits_to_keep=keep)
-        assert kept.shape == (1, keep, full.shape[-1])
+        assert kept.shape == (1, min(keep, 7), full.shape[-1])
         parity.assert_close(f"logits_to_keep={keep}", kept, full[:, -keep:], atol=1e-5, rtol=0)
 
 
