@@ -71,13 +71,15 @@ class DecodeGraphs:
 
     def __init__(self, session: ort.InferenceSession, first_input: str, output_name: str, dtype: np.dtype,
                  output_dtype: np.dtype, output_width: int, past: Sequence[tuple[str, str]],
-                 present: Sequence[tuple[str, str]], positions: int, device_id: int) -> None:
+                 present: Sequence[tuple[str, str]], positions: int, device_id: int, device: str = "cuda") -> None:
+        """``device``: where the graph's buffers live; "cpu" runs this very code on the CPU provider, which ignores
+        graph ids, so every "replay" is a plain run (the tests check the bookkeeping that way)."""
         self.session = session
         self.first_input, self.output_name = first_input, output_name
         self.dtype, self.output_dtype, self.output_width = dtype, output_dtype, output_width
         self.past, self.present = past, present
         self.positions = positions
-        self.device_id = device_id
+        self.device, self.device_id = device, device_id
         self.plain = ort.RunOptions()
         self.plain.add_run_config_entry("gpu_graph_id", PLAIN_RUN)
         self._graphs: dict[tuple[int, int], _Graph] = {}
@@ -91,7 +93,7 @@ class DecodeGraphs:
     def usable(self, pool: KVPool) -> bool:
         # GroupQueryAttention reads a decode step with total_sequence_length 1 as a first prompt; and the rotary
         # table must cover the total it is given.
-        return not self.disabled and pool.device == "cuda" and 2 <= self._total(pool)
+        return not self.disabled and pool.device == self.device and 2 <= self._total(pool)
 
     def capture(self, pool: KVPool, width: int) -> int:
         """Capture the decode step of every batch-size bucket of ``pool`` now, on the calling thread (a service does
@@ -168,7 +170,7 @@ class DecodeGraphs:
         options.add_run_config_entry("gpu_graph_id", str(graph_id))
         binding = self.session.io_binding()
         pool.bind(binding, self.past, self.present, 0, rows)
-        device = ("cuda", self.device_id)
+        device = (self.device, self.device_id)
         hidden = ort.OrtValue.ortvalue_from_shape_and_type([rows, 1, width], self.dtype, *device)
         seqlens = ort.OrtValue.ortvalue_from_shape_and_type([rows], np.int32, *device)
         output = ort.OrtValue.ortvalue_from_shape_and_type([rows, 1, self.output_width], self.output_dtype, *device)

@@ -3,13 +3,15 @@ place, never copied, and exactly as large as the manifest says."""
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 from conftest import TINY, bundles
 
 from services.app import load_service
 from services.settings import ServerSettings
-from splitcore.cudagraphs import bucket, buckets
+from splitcore.cudagraphs import DecodeGraphs, bucket, buckets
 from splitcore.errors import SplitError
 from splitcore.graphs import TailRunner
 from splitcore.providers import active_providers, session_options
@@ -133,3 +135,62 @@ def test_cuda_graphs_asked_for_on_the_cpu_change_nothing(server):
     np.testing.assert_array_equal(outputs[0], outputs[1])
     service = load_service(ServerSettings(bundle=server.root, max_sessions=2, slot_length=16), server)
     assert service.tail.graphs is None and service.engine.warming is False
+
+
+def decode_graphs(tail: TailRunner, session=None) -> DecodeGraphs:
+    """The CUDA-graph path's own object over ``tail``'s session, with its buffers on the CPU."""
+    return DecodeGraphs(session or tail.session, tail.first_input, tail.output_name, tail.dtype, tail.output_dtype,
+                        tail.output_width, tail.spec.past, tail.spec.present,
+                        tail.bundle.manifest.model.max_position_embeddings, 0, device="cpu")
+
+
+def test_the_cuda_graph_paths_bookkeeping_run_on_the_cpu_provider(server):
+    """The code that feeds captured decode steps, run on the CPU provider (which ignores graph ids, so each "replay"
+    is a plain run): outputs equal plain decode runs for rows that join and leave, a step that would pad many rows
+    runs plainly, and a pool's graph buffers go with the pool."""
+    tail = TailRunner(server)
+    graphs = decode_graphs(tail)
+    size = server.manifest.model.hidden_size
+    rng = np.random.default_rng(3)
+    plain, captured = tail.new_pool(12, 32), tail.new_pool(12, 32)
+    for slot in range(12):
+        prefix = rng.standard_normal((1, 2 + slot % 5, size)).astype(np.float32)
+        for pool in (plain, captured):
+            assert pool.acquire() == slot
+            tail.forward(prefix, pool, slot)
+    # The last step reads every slot the padded ones ran on zeros: their scratch writes must not show.
+    for rows in ([0], [1, 3], [0, 1, 2, 3, 4, 5, 6, 7], [2, 9, 11], [4], list(range(12))):
+        hidden = rng.standard_normal((len(rows), 1, size)).astype(np.float32)
+        expected = tail.decode_rows(hidden, plain, rows)
+        got = graphs.decode(hidden, captured, np.asarray(rows))
+        captured.lengths[rows] += 1
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(plain.lengths, captured.lengths)
+    assert graphs.plain_steps == 0 and graphs.issued == 4  # buckets 1, 4, 8 and 12
+    # Slot 11 alone would run the 12-row graph: 11 padding rows, more than a plain run's 1.
+    before = graphs.plain_steps
+    assert graphs.decode(np.zeros((1, 1, size), np.float32), captured, np.asarray([11])) is None
+    assert graphs.plain_steps == before + 1
+    del captured, pool
+    gc.collect()
+    assert not graphs._graphs, "a freed pool's graph buffers were kept"
+
+
+def test_a_failed_capture_turns_cuda_graphs_off_and_steps_run_plainly(server):
+    class FailingRuns:  # a session whose captured runs fail (as a capture onnxruntime cannot complete would)
+        def __init__(self, session):
+            self.session = session
+
+        def io_binding(self):
+            return self.session.io_binding()
+
+        def run_with_iobinding(self, binding, options=None):
+            raise RuntimeError("CUDA graph capture failed")
+
+    tail = TailRunner(server)
+    graphs = decode_graphs(tail, FailingRuns(tail.session))
+    pool = tail.new_pool(2, 16)
+    pool.acquire()
+    hidden = np.zeros((1, 1, server.manifest.model.hidden_size), np.float32)
+    assert graphs.decode(hidden, pool, np.asarray([0])) is None
+    assert graphs.disabled and not graphs.usable(pool) and graphs.capture(tail.new_pool(2, 16), hidden.shape[-1]) == 0
