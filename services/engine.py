@@ -199,7 +199,7 @@ class Engine:
 
     def _capture_graphs(self) -> None:
         """On the worker thread, before the first request: capture every decode bucket's CUDA graph. A failure is
-        logged and the service serves on (each graph is then captured when first used)."""
+        logged and the service serves on, every step run without a graph."""
         started, graphs = time.perf_counter(), self.tail.graphs
         try:
             count = graphs.capture(self.pool, self.tail.bundle.manifest.model.hidden_size)

@@ -66,8 +66,10 @@ class ModelRunner:
             rows = [w for w in works if w.samples > j]
             logits = [w.output[w.keep - w.samples + j] for w in rows]
             last = [j == w.samples - 1 for w in rows]
+            samplers = [w.session.sampler for w in rows]
+            histories = [sampler.penalized(w.session.history) for sampler, w in zip(samplers, rows)]
             try:
-                choices = choose_batch(logits, [w.session.sampler for w in rows], [_history(w) for w in rows],
+                choices = choose_batch(logits, samplers, histories,
                                        [w.session.top_logprobs if is_last else 0 for w, is_last in zip(rows, last)])
             except Exception as e:  # noqa: BLE001
                 log.exception("sampling %d rows failed", len(rows))
@@ -78,12 +80,6 @@ class ModelRunner:
                 # The position the token was sampled from: a rollback to below it drops it from the history.
                 w.session.history.add(choice.token, w.start + w.seq - w.samples + j)
                 w.choices.append(choice)
-
-
-def _history(work: Work) -> np.ndarray | tuple:
-    """The tokens the repetition penalty looks at (none without a penalty: not worth collecting)."""
-    session = work.session
-    return session.history.tokens() if session.sampler.params.repetition_penalty != 1.0 else ()
 
 
 def _check_finite(work: Work) -> None:

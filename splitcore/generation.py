@@ -59,8 +59,7 @@ class TokenChooser:
     def choose(self, output: np.ndarray, position: int = -1) -> Choice:
         """``output``: one position's logits [vocab], or its final hidden state [hidden] with an LM head."""
         logits = output if self.lm_head is None else self.lm_head.forward(output[None, None, :])[0, 0]
-        penalised = self.sampler.params.repetition_penalty != 1.0  # else the history is not worth collecting
-        choice = self.sampler.choose(logits, self.history.tokens() if penalised else ())
+        choice = self.sampler.choose(logits, self.sampler.penalized(self.history))
         self.history.add(choice.token, position)
         return choice
 

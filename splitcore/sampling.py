@@ -70,6 +70,11 @@ class Sampler:
         """``logits`` [vocab]; ``history``: tokens the repetition penalty demotes."""
         return choose_batch([np.asarray(logits)], [self], [history], [top_logprobs])[0]
 
+    def penalized(self, history: History) -> np.ndarray | tuple:
+        """The tokens of ``history`` the repetition penalty looks at: none without a penalty (not worth collecting
+        on every token)."""
+        return history.tokens() if self.params.repetition_penalty != 1.0 else ()
+
 
 def choose_batch(logits: np.ndarray | Sequence[np.ndarray], samplers: Sequence[Sampler],
                  histories: Sequence[Sequence[int] | np.ndarray], top_logprobs: Sequence[int]) -> list[Choice]:
