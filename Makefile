@@ -62,9 +62,13 @@ bench: venv
 bench-steps: venv
 	$(BIN)/python -m bench --steps-only --models random:tinyllama:4 --weights fp32 int4 --out reports/bench-steps
 
-# Concurrent sessions against one service: aggregate tokens/s and step latency at 1, 4, 16 and 64 sessions.
+# Concurrent sessions against one service: aggregate tokens/s and step latency at 1, 4, 16 and 64 sessions, with the
+# default weights (reports/load) and fp32 (reports/load-fp32: memory-bound at one row, as a GPU is). ~3 minutes.
+LOAD_FP32_BUNDLE ?= bundles/$(MODEL)-k$(SPLIT_LAYER)-fp32
 bench-load: export
 	$(BIN)/python -m bench.load --bundle $(BUNDLE) --out reports/load
+	$(BIN)/python -m export --model $(MODEL) --split-layer $(SPLIT_LAYER) --weights fp32 --out $(LOAD_FP32_BUNDLE)
+	$(BIN)/python -m bench.load --bundle $(LOAD_FP32_BUNDLE) --out reports/load-fp32
 
 # CI smoke run: random:tiny, a short prompt, a few tokens, fp32 and int4.
 bench-quick: venv

@@ -3,7 +3,11 @@
 Each scheduler step is one call of the runner: every pending single-position step (decode rows of different
 sessions) as one batch first, then chunks of longer steps (prompts, chat turns, speculative drafts) up to the token
 budget, several sessions' chunks in the same step when the budget allows. While no other session is decoding a
-prompt runs in one piece, so a lone client's time to first token is not cut up.
+prompt runs in one piece, so a lone client's time to first token is not cut up. A burst of prompts gets one budget per
+prompt waiting per generating session (up to ``MAX_PROMPT_SHARE``): sixteen newcomers behind one decoder start
+decoding together after one long step, instead of trickling in a chunk per step while every decode batch stays small
+(on a 2-core CPU, fp32, 16 sessions opened at once: 4.98x one session's tokens/s instead of 3.37x, p99 step 2.7x the
+single median instead of 8.6x; the early decoder pays one long step).
 
 The answers of a step reach their clients together and their next steps trickle back over a few milliseconds:
 ``expected`` says how many of the sessions the previous step answered have not sent theirs yet, and the engine waits
@@ -26,6 +30,10 @@ from splitcore.sampling import Choice
 # Prompts are cut into chunks while another open session stepped this recently and is still generating (its next
 # step is on its way, and must not wait behind whole prompts; see ``generating``).
 ACTIVE_RECENTLY_S = 1.0
+
+# While sessions are generating, a step runs up to ``token_budget`` prompt positions times the number of prompts
+# waiting per generating session (at least 1, at most this): see ``Scheduler.plan``.
+MAX_PROMPT_SHARE = 16
 
 # A session's next step is expected within its usual return gap times this, plus this margin.
 RETURN_SLACK = 1.5
@@ -143,8 +151,13 @@ class Scheduler:
             self.active_at.update((w.session, now) for w in plan.decode)
         self.active_at = {s: t for s, t in self.active_at.items() if now - t < ACTIVE_RECENTLY_S and s.open}
         prefilling = {w.session for w in self.prefill}
-        others_active = any(s not in prefilling and generating(s, now) for s in self.active_at)
-        budget = max(self.token_budget - len(plan.decode), 1) if others_active else None
+        generating_now = sum(1 for s in self.active_at if s not in prefilling and generating(s, now))
+        budget = None
+        if generating_now:
+            # One budget beside the decode rows (they count against it); a burst of prompts gets one whole budget
+            # per prompt waiting per generating session, so it does not trickle in behind one or two decoders.
+            share = min(len(prefilling) // generating_now, MAX_PROMPT_SHARE)
+            budget = self.token_budget * share if share > 1 else max(self.token_budget - len(plan.decode), 1)
         for work in self.prefill:
             if budget is not None and budget <= 0:
                 break

@@ -50,7 +50,8 @@ class ServerSettings(BaseSettings):
     max_batch: int = Field(64, ge=1, description="most decode steps of different sessions in one run (1: no batching)")
     prefill_chunk: int = Field(
         32, ge=1, description="while other sessions decode, prompt positions per scheduler step (the token budget "
-        "beyond the decode rows), so a decode step waits for at most this many prompt positions",
+        "beyond the decode rows), so a decode step waits for at most this many prompt positions; a burst of "
+        "prompts gets this many per prompt waiting per decoding session (at most 16x)",
     )
     batch_gather_ms: float = Field(
         20.0, ge=0, description="a decode batch waits up to this long for the sessions of the previous batch",

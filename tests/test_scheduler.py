@@ -312,3 +312,43 @@ def test_prompts_run_whole_beside_a_session_whose_client_went_quiet():
     clock[0] = 100.5  # its next step is overdue (0.5 s > max(1.5 x 5 ms, 0.1 s))
     assert not generating(decoder, clock[0])
     assert [c.size for c in scheduler.plan().chunks] == [10]  # the same prompt, now in one piece
+
+
+def test_a_burst_of_prompts_gets_one_budget_per_prompt_waiting_per_generating_session():
+    """One decoder and six newcomers: the step runs 6 budgets of prompt positions (the newcomers start decoding
+    together instead of trickling in behind the decoder); with two decoders, 3 budgets; one newcomer beside a
+    decoder gets one budget less the decode row, as before; never more than MAX_PROMPT_SHARE budgets."""
+    from services.scheduler import MAX_PROMPT_SHARE
+
+    scheduler = Scheduler(max_batch=8, token_budget=4, clock=lambda: 0.0)
+    decoders = [session(i) for i in range(2)]
+    scheduler.add(work(decoders[0], 1))
+    run(scheduler)  # decoders[0] is generating now
+    newcomers = [session(10 + i) for i in range(6)]
+    for s in newcomers:
+        scheduler.add(work(s, 10))
+    scheduler.add(work(decoders[0], 1))
+    assert [c.size for c in scheduler.plan().chunks] == [10, 10, 4]  # 6 x 4 positions
+
+    scheduler = Scheduler(max_batch=8, token_budget=4, clock=lambda: 0.0)
+    for s in decoders:
+        scheduler.add(work(s, 1))
+    run(scheduler)
+    for s in newcomers:
+        scheduler.add(work(s, 10))
+    assert [c.size for c in scheduler.plan().chunks] == [10, 2]  # 6 // 2 = 3 budgets
+
+    scheduler = Scheduler(max_batch=8, token_budget=4, clock=lambda: 0.0)
+    scheduler.add(work(decoders[0], 1))
+    run(scheduler)
+    scheduler.add(work(newcomers[0], 10))
+    scheduler.add(work(decoders[0], 1))
+    assert [c.size for c in scheduler.plan().chunks] == [3]
+
+    scheduler = Scheduler(max_batch=8, token_budget=1, clock=lambda: 0.0)
+    scheduler.add(work(decoders[0], 1))
+    run(scheduler)
+    crowd = [session(100 + i) for i in range(MAX_PROMPT_SHARE + 8)]
+    for s in crowd:
+        scheduler.add(work(s, 1000))
+    assert sum(c.size for c in scheduler.plan().chunks) == MAX_PROMPT_SHARE
