@@ -38,6 +38,10 @@ TORCH_TO_ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): 
 DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}
 # Rope types whose frequencies do not depend on the sequence length, so one precomputed cos/sin table is exact.
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope_static")
+# The MLP activations (config.hidden_act) the graphs build, as transformers computes them: SiLU, exact GELU, and
+# GELU's tanh approximation (transformers' "gelu_pytorch_tanh" and "gelu_new" are the same formula). Written out in
+# plain operators; onnxruntime fuses each into one kernel.
+ACTIVATIONS = ("silu", "swish", "gelu", "gelu_pytorch_tanh", "gelu_new")
 
 
 @dataclass(frozen=True)
@@ -130,6 +134,30 @@ class GraphBuilder:
         w = self.constant(name + ".weight", self.tensor(weight))
         return self.node("SimplifiedLayerNormalization", [x, w], [name], axis=-1, epsilon=self.eps, stash_type=1)[0]
 
+    def activation(self, x: str, prefix: str) -> str:
+        """The model's ``hidden_act`` of x (one of ACTIVATIONS; sources.check_config refuses the rest)."""
+        kind = getattr(self.model.config, "hidden_act", "silu")
+        if kind not in ACTIVATIONS:
+            raise SplitError(f"hidden_act {kind!r}: the graphs build {', '.join(ACTIVATIONS)}")
+
+        def scalar(name: str, value: float) -> str:
+            return self.constant(f"{prefix}.{name}", np.array(value, dtype=self.dtype))
+
+        if kind in ("silu", "swish"):
+            return self.node("Mul", [x, self.node("Sigmoid", [x], [f"{prefix}.sigmoid"])[0]], [f"{prefix}.silu"])[0]
+        if kind == "gelu":  # 0.5 x (1 + erf(x / sqrt 2))
+            curve = self.node("Erf", [self.node("Div", [x, scalar("sqrt2", np.sqrt(2.0))], [f"{prefix}.scaled"])[0]],
+                              [f"{prefix}.erf"])[0]
+        else:  # 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
+            cube = self.node("Mul", [x, self.node("Mul", [x, x], [f"{prefix}.square"])[0]], [f"{prefix}.cube"])[0]
+            inner = self.node("Add", [x, self.node("Mul", [cube, scalar("coefficient", 0.044715)],
+                                                   [f"{prefix}.cubic"])[0]], [f"{prefix}.inner"])[0]
+            curve = self.node("Tanh", [self.node("Mul", [inner, scalar("sqrt2_pi", np.sqrt(2.0 / np.pi))],
+                                                 [f"{prefix}.scaled"])[0]], [f"{prefix}.tanh"])[0]
+        one_plus = self.node("Add", [curve, scalar("one", 1.0)], [f"{prefix}.one_plus"])[0]
+        half_x = self.node("Mul", [x, scalar("half", 0.5)], [f"{prefix}.half_x"])[0]
+        return self.node("Mul", [half_x, one_plus], [f"{prefix}.gelu"])[0]
+
     def skip_rms_norm(self, x: str, residual: str, weight: torch.Tensor, name: str) -> tuple[str, str]:
         """(norm(x + residual), x + residual) in one fused node."""
         w = self.constant(name + ".weight", self.tensor(weight))
@@ -173,9 +201,7 @@ class GraphBuilder:
         width = mlp.gate_proj.weight.shape[0]
         halves = self.constant(f"{prefix}.mlp.halves", np.array([width, width], dtype=np.int64))
         gate, up = self.node("Split", [gate_up, halves], [f"{prefix}.mlp.gate", f"{prefix}.mlp.up"], axis=-1)
-        sigmoid = self.node("Sigmoid", [gate], [f"{prefix}.mlp.sigmoid"])[0]
-        silu = self.node("Mul", [gate, sigmoid], [f"{prefix}.mlp.silu"])[0]
-        product = self.node("Mul", [silu, up], [f"{prefix}.mlp.product"])[0]
+        product = self.node("Mul", [self.activation(gate, f"{prefix}.mlp"), up], [f"{prefix}.mlp.product"])[0]
         down = self.linear(product, mlp.down_proj.weight, mlp.down_proj.bias, f"{prefix}.mlp.down_proj")
         if next_norm is None:
             return self.node("Add", [down, residual], [f"{prefix}/output"])[0], residual

@@ -35,6 +35,7 @@ from transformers import (
 )
 
 from export.byte_tokenizer import byte_tokenizer
+from export.graph_builder import ACTIVATIONS
 from splitcore.errors import SplitError
 from splitcore.manifest import sha256_file
 
@@ -101,6 +102,10 @@ RANDOM_CONFIGS = {
     # the graphs pack q/k/v and gate/up into one matmul each, and their biases must be packed the same way.
     "llama-bias-tiny": dict(model_type="llama", **_TINY, tie_word_embeddings=False, attention_bias=True,
                             mlp_bias=True),
+    # Llama-shaped checkpoints with a GELU MLP instead of SiLU: exact, and the tanh approximation.
+    "llama-gelu-tiny": dict(model_type="llama", **_TINY, tie_word_embeddings=True, hidden_act="gelu"),
+    "llama-gelu-tanh-tiny": dict(model_type="llama", **_TINY, tie_word_embeddings=False,
+                                 hidden_act="gelu_pytorch_tanh"),
 }
 # Standard deviation of the random biases of the random configs that have biases.
 RANDOM_BIAS_STD = 0.5
@@ -148,9 +153,19 @@ def load_model(spec: str, revision: str | None = None, seed: int = 0, cache_dir:
         close = difflib.get_close_matches(spec, [*ALIASES, *(f"random:{n}" for n in RANDOM_CONFIGS)], n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         raise SourceError(f"unknown model {spec!r}{hint}; --model takes {accepted_models()}")
-    check_model_type(loaded.model.config.model_type, spec)
+    check_config(loaded.model.config, spec)
     loaded.model.eval()
     return loaded
+
+
+def check_config(config, spec: str) -> None:
+    """Refuse, in one line and before any weights are read where the config comes first, what the graphs cannot
+    build."""
+    check_model_type(config.model_type, spec)
+    activation = getattr(config, "hidden_act", "silu")
+    if activation not in ACTIVATIONS:
+        raise SourceError(f"{spec} uses the MLP activation {activation!r} (hidden_act); the graphs build "
+                          f"{', '.join(ACTIVATIONS)}")
 
 
 def check_model_type(model_type: str, spec: str) -> None:
@@ -244,7 +259,7 @@ def _pretrained(spec: str, source: str, revision: str | None, local_files_only: 
     with _quiet_hub():
         try:
             config = AutoConfig.from_pretrained(spec, revision=revision, local_files_only=local_files_only)
-            check_model_type(config.model_type, spec)
+            check_config(config, spec)
             tokenizer = AutoTokenizer.from_pretrained(spec, revision=revision, local_files_only=local_files_only)
             model = AutoModelForCausalLM.from_pretrained(spec, revision=revision, dtype=torch.float32,
                                                          local_files_only=local_files_only)

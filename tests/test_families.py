@@ -177,6 +177,18 @@ def test_every_bias_survives_the_packed_projections(export_bundle, torch_model, 
     assert_chunks_equal_one_forward(split, model, family, k)
 
 
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize(("family", "activation"), [("random:llama-gelu-tiny", "gelu"),
+                                                    ("random:llama-gelu-tanh-tiny", "gelu_pytorch_tanh")])
+def test_a_gelu_mlp_equals_transformers(export_bundle, torch_model, family, activation, k):
+    """Llama-shaped checkpoints whose MLP uses GELU (exact or tanh) instead of SiLU: hidden states and logits as
+    transformers computes them."""
+    model = torch_model(family).model
+    assert model.config.hidden_act == activation
+    split = open_split(export_bundle(family, k))
+    assert_chunks_equal_one_forward(split, model, family, k)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_manifest_records_the_family(export_bundle, torch_model, family):
     manifest = open_split(export_bundle(family, 2)).client.manifest

@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 
 from export import cleanup, sources
-from export.sources import RANDOM_CONFIGS, SUPPORTED_MODEL_TYPES, SourceError, check_model_type, load_model
+from export.sources import (
+    RANDOM_CONFIGS,
+    SUPPORTED_MODEL_TYPES,
+    SourceError,
+    check_config,
+    check_model_type,
+    load_model,
+)
 
 
 def test_supported_families_are_one_list():
@@ -20,6 +27,14 @@ def test_unsupported_model_type_names_the_list():
         check_model_type("gemma2", "google/gemma-2-2b")
     message = str(refused.value)
     assert "\n" not in message and "'gemma2'" in message and "llama, mistral, qwen2" in message
+
+
+def test_an_mlp_activation_the_graphs_do_not_build_is_refused_by_name():
+    from transformers import LlamaConfig
+
+    with pytest.raises(SourceError, match="'relu' \\(hidden_act\\); the graphs build silu"):
+        check_config(LlamaConfig(hidden_act="relu"), "someone/relu-llama")
+    check_config(LlamaConfig(hidden_act="gelu_new"), "someone/gelu-llama")  # built: no error
 
 
 @pytest.mark.parametrize(("name", "cls"), [("llama3-tiny", "LlamaForCausalLM"), ("mistral-tiny", "MistralForCausalLM"),
