@@ -52,6 +52,9 @@ router = APIRouter(prefix=protocol.SESSIONS_PATH, tags=["sessions"])
 
 
 def check_manifest(service: Service, sha256: str | None) -> None:
+    if sha256 is None:
+        raise ManifestMismatch(f"this request carries no {protocol.MANIFEST_HEADER} header: send the sha256 of the "
+                               f"client bundle's manifest (this server runs {service.bundle.manifest_sha256[:12]}…)")
     if sha256 != service.bundle.manifest_sha256:
         raise ManifestMismatch(
             f"client head was exported for manifest {str(sha256)[:12]}…, this server runs "

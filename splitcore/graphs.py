@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 NUMPY_DTYPES = {"int64": np.dtype(np.int64), "float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
 # onnxruntime's device names for the providers whose memory we know how to bind.
 DEVICES = {"CUDAExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}
+KEEP_ALL = np.array(0, dtype=np.int64)  # logits_to_keep: every position
 ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
              "tensor(int32)": "int32"}
 
@@ -64,6 +65,7 @@ class GraphRunner:
         self.device_id = device_id
         self.first_input = self.spec.inputs[0].name
         self.output_name = self.spec.outputs[0].name
+        self.keeps_logits = any(i.name == names.LOGITS_TO_KEEP for i in self.spec.inputs)
         check_graph(self.session, self.spec, which, str(path))
         output = self.spec.outputs[0]
         self.output_dtype = NUMPY_DTYPES[output.dtype]
@@ -111,6 +113,10 @@ class GraphRunner:
         binding.bind_cpu_input(names.TOTAL_SEQUENCE_LENGTH, total)
         kept = seq
         extra_values = []
+        if seq > 1 and self.keeps_logits and names.LOGITS_TO_KEEP not in (extra or {}):
+            # The binding is reused (KVPool.binding), so an earlier run's value would still be bound; 0 keeps every
+            # position, as the graph's default does. (One position keeps one row whatever is bound.)
+            extra = {**(extra or {}), names.LOGITS_TO_KEEP: KEEP_ALL}
         for name, array in (extra or {}).items():
             # An OrtValue input, since bind_cpu_input cannot override an initializer (logits_to_keep).
             extra_values.append(ort.OrtValue.ortvalue_from_numpy(array))

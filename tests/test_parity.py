@@ -117,6 +117,12 @@ def test_logits_to_keep_selects_the_last_positions(export_bundle):
         kept = tail.forward(hidden, tail.new_cache(), logits_to_keep=keep)
         assert kept.shape == (1, min(keep, 7), full.shape[-1])
         parity.assert_close(f"logits_to_keep={keep}", kept, full[:, -keep:], atol=1e-5, rtol=0)
+    # extend without logits_to_keep keeps every position, as the graph's default does, even on a slot whose reused
+    # binding last ran with logits_to_keep=1.
+    cache = tail.new_cache()
+    tail.forward(hidden[:, :3], cache, logits_to_keep=1)
+    rest = tail.extend(hidden[:, 3:], cache, 0)
+    parity.assert_close("extend after logits_to_keep=1", rest, full[:, 3:], atol=1e-5, rtol=0)
 
 
 def hf_greedy(model, ids: np.ndarray, new_tokens: int, eos: list[int]) -> list[int]:

@@ -66,7 +66,7 @@ def bad_steps(size: int, sha: str):
         "negative position": (good, -1, sha, {}, 422, "x-past-length"),
         "position not a number": (good, "seven", sha, {}, 422, "x-past-length"),
         "wrong manifest": (good, 0, "0" * 64, {}, 409, "same export"),
-        "missing manifest": (good, 0, None, {}, 409, "exported for manifest"),
+        "missing manifest": (good, 0, None, {}, 409, "carries no X-Manifest-Sha256 header"),
         "keep past the length": (good, 0, sha, {"Keep-Length": 1}, 409, "cannot keep 1 positions"),
         "negative keep": (good, 0, sha, {"Keep-Length": -1}, 422, "x-keep-length"),
         "sample count 0": (good, 0, sha, {"Sample-Count": 0}, 422, "x-sample-count"),
