@@ -92,7 +92,8 @@ class Engine:
         self.clock = clock
         self.pool = tail.new_pool(slots, slot_length)
         self.table = SessionTable(self.pool, settings.session_ttl_s, settings.evict_idle_s, clock)
-        self.scheduler = Scheduler(settings.max_batch, settings.prefill_chunk, time.monotonic)
+        self.scheduler = Scheduler(settings.max_batch, settings.prefill_chunk, time.monotonic,
+                                   settings.max_prompt_share)
         self.runner = ModelRunner(tail, self.pool)
         self.vocab = tail.bundle.manifest.model.vocab_size
         self.default_max_length = min(settings.default_max_length or slot_length, slot_length)

@@ -3,11 +3,11 @@
 Each scheduler step is one call of the runner: every pending single-position step (decode rows of different
 sessions) as one batch first, then chunks of longer steps (prompts, chat turns, speculative drafts) up to the token
 budget, several sessions' chunks in the same step when the budget allows. While no other session is decoding a
-prompt runs in one piece, so a lone client's time to first token is not cut up. A burst of prompts gets one budget per
-prompt waiting per generating session (up to ``MAX_PROMPT_SHARE``): sixteen newcomers behind one decoder start
-decoding together after one long step, instead of trickling in a chunk per step while every decode batch stays small
-(on a 2-core CPU, fp32, 16 sessions opened at once: 4.98x one session's tokens/s instead of 3.37x, p99 step 2.7x the
-single median instead of 8.6x; the early decoder pays one long step).
+prompt runs in one piece, so a lone client's time to first token is not cut up. A burst of prompts gets one budget
+per prompt waiting per generating session (up to ``max_prompt_share``, 16 by default): sixteen newcomers behind one
+decoder start decoding together after one long step, instead of trickling in a chunk per step while every decode batch
+stays small (on a 2-core CPU, fp32, 16 sessions opened at once: 5.27x one session's tokens/s instead of 3.37x, p99
+step 2.55x the single median instead of 8.6x; the early decoder pays one long step).
 
 The answers of a step reach their clients together and their next steps trickle back over a few milliseconds:
 ``expected`` says how many of the sessions the previous step answered have not sent theirs yet, and the engine waits
@@ -30,10 +30,6 @@ from splitcore.sampling import Choice
 # Prompts are cut into chunks while another open session stepped this recently and is still generating (its next
 # step is on its way, and must not wait behind whole prompts; see ``generating``).
 ACTIVE_RECENTLY_S = 1.0
-
-# While sessions are generating, a step runs up to ``token_budget`` prompt positions times the number of prompts
-# waiting per generating session (at least 1, at most this): see ``Scheduler.plan``.
-MAX_PROMPT_SHARE = 16
 
 # A session's next step is expected within its usual return gap times this, plus this margin.
 RETURN_SLACK = 1.5
@@ -91,9 +87,13 @@ class Plan:
 
 
 class Scheduler:
-    def __init__(self, max_batch: int, token_budget: int, clock: Callable[[], float]) -> None:
+    def __init__(self, max_batch: int, token_budget: int, clock: Callable[[], float], max_prompt_share: int = 16
+                 ) -> None:
         self.max_batch = max_batch
         self.token_budget = token_budget
+        # While sessions are generating, a step runs up to token_budget prompt positions times the number of prompts
+        # waiting per generating session, at least 1 and at most this (1: strictly one budget per step).
+        self.max_prompt_share = max_prompt_share
         self.clock = clock
         self.decode: deque[Work] = deque()
         self.prefill: deque[Work] = deque()
@@ -156,7 +156,7 @@ class Scheduler:
         if generating_now:
             # One budget beside the decode rows (they count against it); a burst of prompts gets one whole budget
             # per prompt waiting per generating session, so it does not trickle in behind one or two decoders.
-            share = min(len(prefilling) // generating_now, MAX_PROMPT_SHARE)
+            share = min(len(prefilling) // generating_now, self.max_prompt_share)
             budget = self.token_budget * share if share > 1 else max(self.token_budget - len(plan.decode), 1)
         for work in self.prefill:
             if budget is not None and budget <= 0:

@@ -50,8 +50,13 @@ class ServerSettings(BaseSettings):
     max_batch: int = Field(64, ge=1, description="most decode steps of different sessions in one run (1: no batching)")
     prefill_chunk: int = Field(
         32, ge=1, description="while other sessions decode, prompt positions per scheduler step (the token budget "
-        "beyond the decode rows), so a decode step waits for at most this many prompt positions; a burst of "
-        "prompts gets this many per prompt waiting per decoding session (at most 16x)",
+        "beyond the decode rows), so a decode step waits for at most this many prompt positions, except when a "
+        "burst of prompts arrives (see max_prompt_share)",
+    )
+    max_prompt_share: int = Field(
+        16, ge=1, description="a burst of prompts gets prefill_chunk positions per prompt waiting per decoding "
+        "session, up to this many times prefill_chunk per step: newcomers join the decode batch together, decoding "
+        "sessions wait that one step (1: never more than prefill_chunk per step)",
     )
     batch_gather_ms: float = Field(
         20.0, ge=0, description="a decode batch waits up to this long for the sessions of the previous batch",

@@ -317,9 +317,7 @@ def test_prompts_run_whole_beside_a_session_whose_client_went_quiet():
 def test_a_burst_of_prompts_gets_one_budget_per_prompt_waiting_per_generating_session():
     """One decoder and six newcomers: the step runs 6 budgets of prompt positions (the newcomers start decoding
     together instead of trickling in behind the decoder); with two decoders, 3 budgets; one newcomer beside a
-    decoder gets one budget less the decode row, as before; never more than MAX_PROMPT_SHARE budgets."""
-    from services.scheduler import MAX_PROMPT_SHARE
-
+    decoder gets one budget less the decode row, as before; never more than max_prompt_share budgets."""
     scheduler = Scheduler(max_batch=8, token_budget=4, clock=lambda: 0.0)
     decoders = [session(i) for i in range(2)]
     scheduler.add(work(decoders[0], 1))
@@ -345,10 +343,11 @@ def test_a_burst_of_prompts_gets_one_budget_per_prompt_waiting_per_generating_se
     scheduler.add(work(decoders[0], 1))
     assert [c.size for c in scheduler.plan().chunks] == [3]
 
-    scheduler = Scheduler(max_batch=8, token_budget=1, clock=lambda: 0.0)
-    scheduler.add(work(decoders[0], 1))
-    run(scheduler)
-    crowd = [session(100 + i) for i in range(MAX_PROMPT_SHARE + 8)]
-    for s in crowd:
-        scheduler.add(work(s, 1000))
-    assert sum(c.size for c in scheduler.plan().chunks) == MAX_PROMPT_SHARE
+    for cap in (16, 5, 1):
+        scheduler = Scheduler(max_batch=8, token_budget=2, clock=lambda: 0.0, max_prompt_share=cap)
+        scheduler.add(work(decoders[0], 1))
+        run(scheduler)
+        for s in [session(100 + i) for i in range(24)]:
+            scheduler.add(work(s, 1000))
+        scheduler.add(work(decoders[0], 1))
+        assert sum(c.size for c in scheduler.plan().chunks) == (2 * cap if cap > 1 else 1)  # 1: the budget less the row
