@@ -3,11 +3,12 @@
 Each scheduler step is one call of the runner: every pending single-position step (decode rows of different
 sessions) as one batch first, then chunks of longer steps (prompts, chat turns, speculative drafts) up to the token
 budget, several sessions' chunks in the same step when the budget allows. While no other session is decoding a
-prompt runs in one piece, so a lone client's time to first token is not cut up. A burst of prompts gets one budget
-per prompt waiting per generating session (up to ``max_prompt_share``, 16 by default): sixteen newcomers behind one
-decoder start decoding together after one long step, instead of trickling in a chunk per step while every decode batch
-stays small (on a 2-core CPU, fp32, 16 sessions opened at once: 5.27x one session's tokens/s instead of 3.37x, p99
-step 2.55x the single median instead of 8.6x; the early decoder pays one long step).
+prompt runs in one piece, so a lone client's time to first token is not cut up. A burst of newcomers (sessions with a
+prompt waiting and no recent step, at least two per generating session) gets one budget per newcomer per generating
+session (up to ``max_prompt_share``, 16 by default): sixteen newcomers behind one decoder start decoding together
+after one long step, instead of trickling in a chunk per step while every decode batch stays small (on a 2-core
+CPU, fp32, 16 sessions opened at once: 5.27x one session's tokens/s instead of 3.37x, p99 step 2.55x the single
+median instead of 8.6x; the early decoder pays one long step).
 
 The answers of a step reach their clients together and their next steps trickle back over a few milliseconds:
 ``expected`` says how many of the sessions the previous step answered have not sent theirs yet, and the engine waits
@@ -151,12 +152,14 @@ class Scheduler:
             self.active_at.update((w.session, now) for w in plan.decode)
         self.active_at = {s: t for s, t in self.active_at.items() if now - t < ACTIVE_RECENTLY_S and s.open}
         prefilling = {w.session for w in self.prefill}
-        generating_now = sum(1 for s in self.active_at if s not in prefilling and generating(s, now))
+        generating_now = {s for s in self.active_at if generating(s, now)}
         budget = None
-        if generating_now:
-            # One budget beside the decode rows (they count against it); a burst of prompts gets one whole budget
-            # per prompt waiting per generating session, so it does not trickle in behind one or two decoders.
-            share = min(len(prefilling) // generating_now, self.max_prompt_share)
+        if generating_now - prefilling:  # another session is decoding: its next step must not wait behind prompts
+            # One budget beside the decode rows (they count against it). A burst of newcomers (sessions that have not
+            # generated lately; not the drafts or chat turns of generating ones) gets one whole budget per newcomer
+            # per generating session when that makes 2 or more, so it does not trickle in behind a few decoders.
+            newcomers = len(prefilling - self.active_at.keys())
+            share = min(newcomers // len(generating_now), self.max_prompt_share)
             budget = self.token_budget * share if share > 1 else max(self.token_budget - len(plan.decode), 1)
         for work in self.prefill:
             if budget is not None and budget <= 0:

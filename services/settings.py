@@ -54,9 +54,9 @@ class ServerSettings(BaseSettings):
         "burst of prompts arrives (see max_prompt_share)",
     )
     max_prompt_share: int = Field(
-        16, ge=1, description="a burst of prompts gets prefill_chunk positions per prompt waiting per decoding "
-        "session, up to this many times prefill_chunk per step: newcomers join the decode batch together, decoding "
-        "sessions wait that one step (1: never more than prefill_chunk per step)",
+        16, ge=1, description="a burst of new sessions' prompts gets prefill_chunk positions per newcomer per "
+        "generating session, up to this many times prefill_chunk per step: newcomers join the decode batch "
+        "together, decoding sessions wait that one step (1: never more than prefill_chunk per step)",
     )
     batch_gather_ms: float = Field(
         20.0, ge=0, description="a decode batch waits up to this long for the sessions of the previous batch",

@@ -65,7 +65,8 @@ class GraphRunner:
         self.device_id = device_id
         self.first_input = self.spec.inputs[0].name
         self.output_name = self.spec.outputs[0].name
-        self.keeps_logits = any(i.name == names.LOGITS_TO_KEEP for i in self.spec.inputs)
+        keeps_logits = any(i.name == names.LOGITS_TO_KEEP for i in self.spec.inputs)
+        self._keep_all = ort.OrtValue.ortvalue_from_numpy(KEEP_ALL) if keeps_logits else None
         check_graph(self.session, self.spec, which, str(path))
         output = self.spec.outputs[0]
         self.output_dtype = NUMPY_DTYPES[output.dtype]
@@ -113,11 +114,12 @@ class GraphRunner:
         binding.bind_cpu_input(names.TOTAL_SEQUENCE_LENGTH, total)
         kept = seq
         extra_values = []
-        if seq > 1 and self.keeps_logits and names.LOGITS_TO_KEEP not in (extra or {}):
-            # The binding is reused (KVPool.binding), so an earlier run's value would still be bound; 0 keeps every
-            # position, as the graph's default does. (One position keeps one row whatever is bound.)
-            extra = {**(extra or {}), names.LOGITS_TO_KEEP: KEEP_ALL}
-        for name, array in (extra or {}).items():
+        extra = extra or {}
+        if self._keep_all is not None and names.LOGITS_TO_KEEP not in extra:
+            # The binding is reused (KVPool.binding): every input is bound anew on every run, or it would still point
+            # at an earlier run's (freed) value. 0 keeps every position, the graph's default.
+            binding.bind_ortvalue_input(names.LOGITS_TO_KEEP, self._keep_all)
+        for name, array in extra.items():
             # An OrtValue input, since bind_cpu_input cannot override an initializer (logits_to_keep).
             extra_values.append(ort.OrtValue.ortvalue_from_numpy(array))
             binding.bind_ortvalue_input(name, extra_values[-1])

@@ -331,3 +331,36 @@ def test_qwen2_gguf_takes_the_same_path(tmp_path, monkeypatch, torch_model):
     prompt = loaded.tokenizer("Split inference keeps text local.")["input_ids"]
     assert split_greedy(split, prompt, 16, eos_ids(split), prefill_chunk=7) == hf_greedy(
         loaded.model, prompt, 16, eos_ids(split))
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_pytorch_tanh", "gelu_new"])
+def test_each_activation_node_computes_what_transformers_does(torch_model, activation):
+    """GraphBuilder.activation alone, over x in [-12, 12], against transformers' ACT2FN at 2e-6: finer than the
+    model-level parity above, which cannot tell exact GELU from its tanh approximation (they differ by < 1e-3)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+    from transformers.activations import ACT2FN
+
+    from export.graph_builder import IR_VERSION, MS_DOMAIN, OPSET, GraphBuilder
+    from export.matmul_weights import MatMulWeights
+
+    model = torch_model("random:tiny").model
+    kept = model.config.hidden_act
+    model.config.hidden_act = activation
+    try:
+        builder = GraphBuilder(model, np.float32, MatMulWeights("fp32"), MatMulWeights("fp32"))
+        out = builder.activation("x", "act")
+    finally:
+        model.config.hidden_act = kept
+    graph = helper.make_graph(builder.nodes, "act", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None])],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, [None])], builder.initializers)
+    onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                         helper.make_opsetid(MS_DOMAIN, 1)], ir_version=IR_VERSION)
+    x = np.linspace(-12, 12, 4801, dtype=np.float32)
+    session = ort.InferenceSession(onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"x": x})[0]
+    want = ACT2FN[activation](torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-6)
+    other = {"gelu": "gelu_pytorch_tanh", "gelu_pytorch_tanh": "gelu"}.get(activation)
+    if other:  # the two GELUs are told apart at this tolerance
+        assert np.abs(ACT2FN[other](torch.from_numpy(x)).numpy() - got).max() > 1e-5

@@ -351,3 +351,20 @@ def test_a_burst_of_prompts_gets_one_budget_per_prompt_waiting_per_generating_se
             scheduler.add(work(s, 1000))
         scheduler.add(work(decoders[0], 1))
         assert sum(c.size for c in scheduler.plan().chunks) == (2 * cap if cap > 1 else 1)  # 1: the budget less the row
+
+
+def test_drafts_of_generating_sessions_are_not_a_burst():
+    """Speculating sessions send multi-position steps (drafts) through the prompt queue: they are generating, not
+    newcomers, so one newcomer beside them and a decoder still gets one budget less the decode row."""
+    scheduler = Scheduler(max_batch=8, token_budget=4, clock=lambda: 0.0)
+    decoder, newcomer = session(0), session(9)
+    speculators = [session(1 + i) for i in range(3)]
+    for s in [decoder, *speculators]:
+        scheduler.add(work(s, 1))
+    run(scheduler)  # all four generating
+    for s in speculators:
+        scheduler.add(work(s, 3, keep=3))  # a token and two drafts each
+    scheduler.add(work(newcomer, 50))
+    scheduler.add(work(decoder, 1))
+    plan = scheduler.plan()
+    assert sum(c.size for c in plan.chunks) == 3  # 4 - 1 decode row: no burst
