@@ -7,7 +7,7 @@ prompt runs in one piece, so a lone client's time to first token is not cut up. 
 prompt waiting and no recent step, at least two per generating session) gets one budget per newcomer per generating
 session (up to ``max_prompt_share``, 16 by default): sixteen newcomers behind one decoder start decoding together
 after one long step, instead of trickling in a chunk per step while every decode batch stays small (on a 2-core
-CPU, fp32, 16 sessions opened at once: 5.27x one session's tokens/s instead of 3.37x, p99 step 2.55x the single
+CPU, fp32, 16 sessions opened at once: 5.1x one session's tokens/s instead of 3.37x, p99 step 2.5x the single
 median instead of 8.6x; the early decoder pays one long step).
 
 The answers of a step reach their clients together and their next steps trickle back over a few milliseconds:
