@@ -9,6 +9,9 @@ SPLIT_LAYER ?= 4
 # (docs/performance.md). WEIGHTS=fp32 is the exact parity reference; WEIGHTS=fp16 (or DTYPE=fp16) is for GPU tails.
 WEIGHTS ?= int4-mlp
 DTYPE ?=
+# Tokens of the model's own answers sampled for the client's draft table (speculation); empty: the exporter's default
+# (16384, ~100 s for SmolLM2 on 2 cores), 0: no table.
+DRAFT_TOKENS ?=
 BUNDLE ?= bundles/$(MODEL)-k$(SPLIT_LAYER)
 PROMPT ?= What is the capital of France? Answer in one sentence.
 HOST ?= 127.0.0.1
@@ -33,7 +36,7 @@ $(VENV)/.installed: pyproject.toml
 
 export: venv
 	$(BIN)/python -m export --model $(MODEL) --split-layer $(SPLIT_LAYER) --weights $(WEIGHTS) \
-		$(if $(DTYPE),--dtype $(DTYPE)) --out $(BUNDLE)
+		$(if $(DTYPE),--dtype $(DTYPE)) $(if $(DRAFT_TOKENS),--draft-tokens $(DRAFT_TOKENS)) --out $(BUNDLE)
 
 # The real thing: the tail service on loopback in the background, the client in front, text only on this side.
 # Refuses a PORT already in use (e.g. by `make serve`); the service's log stays in $(BUNDLE)/demo-service.log.

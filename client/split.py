@@ -14,7 +14,7 @@ from client.http import TailClient, Traffic
 from client.remote import RemoteTail
 from client.settings import ClientSettings
 from client.tokenizer import ChatTokenizer
-from splitcore.drafting import PromptLookup
+from splitcore.drafting import DraftTable, PromptLookup
 from splitcore.errors import SplitError
 from splitcore.generation import LocalTail, SplitGenerator, TailLink
 from splitcore.graphs import HeadRunner, LmHeadRunner, TailRunner
@@ -39,6 +39,14 @@ def lm_head(client_bundle: Bundle, settings: ClientSettings) -> LmHeadRunner | N
     return LmHeadRunner(client_bundle, ["CPUExecutionProvider"], settings.intra_op_threads)
 
 
+def draft_table(client_bundle: Bundle) -> DraftTable | None:
+    """The bundle's draft table (speculation's second source after prompt lookup), when its export wrote one."""
+    spec = client_bundle.manifest.drafts
+    if spec is None:
+        return None
+    return DraftTable.load(client_bundle.path(spec.file), client_bundle.manifest.model.vocab_size)
+
+
 class Split:
     """The head, and a factory of tail links (in process with ``local``, else on the tail service)."""
 
@@ -54,6 +62,7 @@ class Split:
                                                   settings.max_response_bytes)
         self.traffic = Traffic()  # every remote link's bytes, added up
         self.lm_head = lm_head(self.bundle, settings)
+        self.draft_table = draft_table(self.bundle) if settings.speculate else None
         self.spare_lock = threading.Lock()
         # The first conversation's session opens now, while the head and the tokenizer load, so neither a command
         # line run nor the first request to the gateway waits a round trip for it.
@@ -119,7 +128,7 @@ class Split:
             settings = self.settings.model_copy(update={"max_length": max_length})
             link = RemoteTail.open(self.bundle, settings, params, self.lm_head, self.http, self.traffic,
                                    background=True, min_length=required or 1)
-        drafter = PromptLookup(self.settings.max_draft) if self.settings.speculate else None
+        drafter = PromptLookup(self.settings.max_draft, table=self.draft_table) if self.settings.speculate else None
         return SplitGenerator(self.head, link, self.settings.prefill_chunk, self.noise, drafter, max_length)
 
     def _take_spare(self, params: SamplingParams) -> RemoteTail | None:

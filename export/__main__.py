@@ -22,6 +22,7 @@ import numpy as np
 
 from export import bundle as bundles
 from export.cleanup import removed_on_failure
+from export.draft_table import DEFAULT_TOKENS, write_draft_table
 from export.graph_builder import GRAPH_REVISION, GraphBuilder, graph_spec, save
 from export.matmul_weights import FLOAT_SCHEMES, QUANTIZED_SCHEMES, MatMulWeights
 from export.sources import accepted_models, load_model
@@ -56,7 +57,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--private-output", action="store_true",
                    help="the tail returns final hidden states and the client bundle gets the final norm + LM head "
                         "(lm_head.onnx), so the server never sees logits or output tokens")
+    p.add_argument("--draft-tokens", type=int, default=None,
+                   help="tokens of the model's own answers to sample for the client's draft table (n-grams the "
+                        "model tends to write, drafted for speculation where the conversation has no match); 0: no "
+                        f"table (default: {DEFAULT_TOKENS}, 0 for random:* models)")
     args = p.parse_args(argv)
+    if args.draft_tokens is None:
+        args.draft_tokens = 0 if args.model.startswith("random:") else DEFAULT_TOKENS
+    if args.draft_tokens < 0:
+        p.error(f"--draft-tokens must be >= 0, got {args.draft_tokens}")
     if args.dtype is None:
         args.dtype = "fp16" if args.weights == "fp16" else "fp32"
     if args.dtype == "fp16" and args.weights == "fp32":
@@ -82,6 +91,8 @@ def export_args(args: argparse.Namespace) -> dict:
         wanted["full"] = True
     if args.private_output:
         wanted["output_mode"] = "hidden"
+    if args.draft_tokens:
+        wanted["draft_tokens"] = args.draft_tokens
     return wanted
 
 
@@ -118,7 +129,7 @@ def run(args: argparse.Namespace) -> None:
     check_writable(args.out, roles)
     dtype = DTYPES[args.dtype]
 
-    step = _Steps(5 + bool(args.full) + bool(args.private_output))
+    step = _Steps(5 + bool(args.full) + bool(args.private_output) + bool(args.draft_tokens))
     step("loading %s", args.model)
     loaded = load_model(args.model, args.revision, args.seed)
     model = loaded.model
@@ -169,6 +180,14 @@ def run(args: argparse.Namespace) -> None:
     if loaded.tokenizer is not None:
         eos = getattr(model.generation_config, "eos_token_id", None)
         tokenizer = bundles.write_tokenizer(loaded.tokenizer, eos, args.out / bundles.CLIENT)
+    drafts = None
+    if args.draft_tokens:
+        if loaded.tokenizer is None:
+            raise SplitError(f"{args.model} has no tokenizer to sample a draft table with; use --draft-tokens 0")
+        step("sampling %d tokens of the model's own answers for the client's draft table", args.draft_tokens)
+        drafts = write_draft_table(model, loaded.tokenizer, args.draft_tokens, args.seed, args.out / bundles.CLIENT,
+                                   progress=_progress("draft table"))
+        log.info("  %d token pairs from %d sampled tokens", drafts.pairs, drafts.sampled_tokens)
     fields = dict(
         model=bundles.model_spec(model, loaded.model_id, loaded.source, loaded.revision),
         split_layer=args.split_layer,
@@ -178,7 +197,8 @@ def run(args: argparse.Namespace) -> None:
         lm_head=lm_head,
         generation=bundles.generation_defaults(model),
         tokenizer=tokenizer,
-        files=bundles.file_entries(args.out, head, tail, tokenizer, full, lm_head),
+        drafts=drafts,
+        files=bundles.file_entries(args.out, head, tail, tokenizer, full, lm_head, drafts),
         tools=bundles.tool_versions(),
         export={"args": wanted, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
     )

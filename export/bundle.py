@@ -11,7 +11,16 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from export.graph_builder import sliding_windows
-from splitcore.manifest import MANIFEST_FILE, SCHEMA_VERSION, GraphSpec, Manifest, ModelSpec, TokenizerSpec, sha256_file
+from splitcore.manifest import (
+    MANIFEST_FILE,
+    SCHEMA_VERSION,
+    DraftTableSpec,
+    GraphSpec,
+    Manifest,
+    ModelSpec,
+    TokenizerSpec,
+    sha256_file,
+)
 
 CLIENT, SERVER, FULL = "client", "server", "full"
 TOKENIZER_FILE = "tokenizer.json"
@@ -90,11 +99,13 @@ def write_tokenizer(tokenizer: PreTrainedTokenizerBase, generation_eos, client_d
 
 def file_entries(
     out: Path, head: GraphSpec, tail: GraphSpec, tokenizer: TokenizerSpec | None, full: GraphSpec | None = None,
-    lm_head: GraphSpec | None = None,
+    lm_head: GraphSpec | None = None, drafts: DraftTableSpec | None = None,
 ) -> dict:
     roles = {CLIENT: [head.file, head.data_file], SERVER: [tail.file, tail.data_file]}
     if lm_head is not None:
         roles[CLIENT] += [lm_head.file, lm_head.data_file]
+    if drafts is not None:
+        roles[CLIENT].append(drafts.file)
     if tokenizer is not None:
         roles[CLIENT] += [tokenizer.file, tokenizer.chat_template_file]
     if full is not None:

@@ -103,6 +103,15 @@ class TokenizerSpec(_Strict):
     add_bos_token: bool
 
 
+class DraftTableSpec(_Strict):
+    """The client's draft table (splitcore/drafting.py DraftTable), counted at export from the model's own answers."""
+
+    file: str
+    sampled_tokens: int
+    seed: int
+    pairs: int
+
+
 class FileEntry(_Strict):
     sha256: str
     bytes: int
@@ -123,6 +132,8 @@ class Manifest(_Strict):
     # top_k, repetition_penalty); the gateway uses them where a request does not say.
     generation: dict | None = None
     tokenizer: TokenizerSpec | None
+    # Optional draft n-grams for speculation on the client (`python -m export --draft-tokens`).
+    drafts: DraftTableSpec | None = None
     files: dict[str, FileEntry]
     validation: dict
     tools: dict[str, str]
@@ -135,6 +146,8 @@ class Manifest(_Strict):
             raise ValueError(f"split_layer {k} outside 1..{n - 1}")
         if tuple(self.head.layers) != (0, k) or tuple(self.tail.layers) != (k, n):
             raise ValueError(f"graph layer spans {self.head.layers}, {self.tail.layers} do not cut {n} layers at {k}")
+        if self.drafts is not None and "client" not in getattr(self.files.get(self.drafts.file), "roles", ()):
+            raise ValueError(f"draft table {self.drafts.file!r} is not among the client bundle's files")
         if self.full is not None and tuple(self.full.layers) != (0, n):
             raise ValueError(f"full graph spans layers {self.full.layers}, expected (0, {n})")
         tail_out = self.tail.outputs[0].name
