@@ -70,7 +70,8 @@ bench-steps: venv
 LOAD_FP32_BUNDLE ?= bundles/$(MODEL)-k$(SPLIT_LAYER)-fp32
 bench-load: export
 	$(BIN)/python -m bench.load --bundle $(BUNDLE) --out reports/load
-	$(BIN)/python -m export --model $(MODEL) --split-layer $(SPLIT_LAYER) --weights fp32 --out $(LOAD_FP32_BUNDLE)
+	$(BIN)/python -m export --model $(MODEL) --split-layer $(SPLIT_LAYER) --weights fp32 --draft-tokens 0 \
+		--out $(LOAD_FP32_BUNDLE)
 	$(BIN)/python -m bench.load --bundle $(LOAD_FP32_BUNDLE) --out reports/load-fp32
 
 # CI smoke run: random:tiny, a short prompt, a few tokens, fp32 and int4.

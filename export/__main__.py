@@ -22,7 +22,7 @@ import numpy as np
 
 from export import bundle as bundles
 from export.cleanup import removed_on_failure
-from export.draft_table import DEFAULT_TOKENS, write_draft_table
+from export.draft_table import DEFAULT_TOKENS, TABLE_FILE, write_draft_table
 from export.graph_builder import GRAPH_REVISION, GraphBuilder, graph_spec, save
 from export.matmul_weights import FLOAT_SCHEMES, QUANTIZED_SCHEMES, MatMulWeights
 from export.sources import accepted_models, load_model
@@ -132,6 +132,8 @@ def run(args: argparse.Namespace) -> None:
     step = _Steps(5 + bool(args.full) + bool(args.private_output) + bool(args.draft_tokens))
     step("loading %s", args.model)
     loaded = load_model(args.model, args.revision, args.seed)
+    if args.draft_tokens and loaded.tokenizer is None:
+        raise SplitError(f"{args.model} has no tokenizer to sample a draft table with; use --draft-tokens 0")
     model = loaded.model
     n = model.config.num_hidden_layers
     if not 1 <= args.split_layer <= n - 1:
@@ -181,12 +183,11 @@ def run(args: argparse.Namespace) -> None:
         eos = getattr(model.generation_config, "eos_token_id", None)
         tokenizer = bundles.write_tokenizer(loaded.tokenizer, eos, args.out / bundles.CLIENT)
     drafts = None
+    (args.out / bundles.CLIENT / TABLE_FILE).unlink(missing_ok=True)  # a table of an earlier export
     if args.draft_tokens:
-        if loaded.tokenizer is None:
-            raise SplitError(f"{args.model} has no tokenizer to sample a draft table with; use --draft-tokens 0")
         step("sampling %d tokens of the model's own answers for the client's draft table", args.draft_tokens)
-        drafts = write_draft_table(model, loaded.tokenizer, args.draft_tokens, args.seed, args.out / bundles.CLIENT,
-                                   progress=_progress("draft table"))
+        drafts = write_draft_table(model, loaded.tokenizer, tokenizer.eos_token_ids, args.draft_tokens, args.seed,
+                                   args.out / bundles.CLIENT, progress=_progress("draft table"))
         log.info("  %d token pairs from %d sampled tokens", drafts.pairs, drafts.sampled_tokens)
     fields = dict(
         model=bundles.model_spec(model, loaded.model_id, loaded.source, loaded.revision),

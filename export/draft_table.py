@@ -27,7 +27,7 @@ from splitcore.manifest import DraftTableSpec
 
 log = logging.getLogger(__name__)
 
-TABLE_FILE = "drafts.npz"
+TABLE_FILE = "drafts.npz"  # in the client bundle
 DEFAULT_TOKENS = 16384
 REQUESTS = (
     "Tell me something interesting.",
@@ -47,22 +47,22 @@ TEMPERATURE = 0.7
 TOP_K = 50
 
 
-def write_draft_table(model, tokenizer, tokens: int, seed: int, client_dir: Path,
+def write_draft_table(model, tokenizer, stop_ids: Sequence[int], tokens: int, seed: int, client_dir: Path,
                       progress: Callable[[str], None] = lambda message: None) -> DraftTableSpec:
-    """Sample about ``tokens`` tokens of the model's own answers, count them, and write the table to
-    ``client_dir``/drafts.npz."""
-    answers = sample_answers(model, tokenizer, tokens, seed, progress)
+    """Sample up to ``tokens`` tokens of the model's own answers (each ends at the first of ``stop_ids``: the ids the
+    client stops on), count them, and write the table to ``client_dir``/drafts.npz."""
+    answers = sample_answers(model, tokenizer, stop_ids, tokens, seed, progress)
     arrays = count_ngrams(answers)
     np.savez(client_dir / TABLE_FILE, **arrays)
     sampled = sum(len(a) - 2 for a in answers)
     return DraftTableSpec(file=TABLE_FILE, sampled_tokens=sampled, seed=seed, pairs=len(arrays["pair_next"]))
 
 
-def sample_answers(model, tokenizer, tokens: int, seed: int, progress: Callable[[str], None]) -> list[list[int]]:
+def sample_answers(model, tokenizer, stop_ids: Sequence[int], tokens: int, seed: int,
+                   progress: Callable[[str], None]) -> list[list[int]]:
     """Each answer with the last two tokens of its prompt in front (the context of its first token)."""
     new_tokens = max(8, tokens // (len(REQUESTS) * ROWS))
-    eos = model.generation_config.eos_token_id
-    stops = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    stops = {int(t) for t in stop_ids}
     pad = min(stops, default=0)
     answers: list[list[int]] = []
     with torch.random.fork_rng(), torch.no_grad():  # seeded here, and the caller's RNG state left as it was
@@ -72,7 +72,8 @@ def sample_answers(model, tokenizer, tokens: int, seed: int, progress: Callable[
             prompt = _prompt_ids(tokenizer, request)
             batch = torch.tensor([prompt] * ROWS, dtype=torch.long)
             out = model.generate(batch, attention_mask=torch.ones_like(batch), do_sample=True, temperature=TEMPERATURE,
-                                 top_k=TOP_K, top_p=1.0, max_new_tokens=new_tokens, pad_token_id=pad)
+                                 top_k=TOP_K, top_p=1.0, max_new_tokens=new_tokens, pad_token_id=pad,
+                                 eos_token_id=sorted(stops) or None)
             for row in out[:, len(prompt) - 2 :].tolist():
                 end = next((j for j, t in enumerate(row[2:], 2) if t in stops), len(row))
                 answers.append(row[:end])

@@ -77,7 +77,7 @@ export LOG_LEVEL=WARNING
 for spec in random:tiny:2 smollm2:4; do
     model=${spec%:*}; k=${spec##*:}
     for dtype in fp32 fp16; do
-        "$PY" -m export --model "$model" --split-layer "$k" --dtype "$dtype" \
+        "$PY" -m export --model "$model" --split-layer "$k" --dtype "$dtype" --draft-tokens 0 \
             --out "$OUT/${model//:/-}-k$k-$dtype" || echo "export of $model $dtype failed"
     done
 done

@@ -14,6 +14,7 @@ answers at 30 ms RTT: sharing one count with lookup cost rewrites and lists a te
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -41,8 +42,8 @@ class DraftTable:
         try:
             with np.load(path, allow_pickle=False) as f:
                 arrays = {name: np.asarray(f[name]) for name in TABLE_ARRAYS}
-        except (OSError, KeyError, ValueError) as e:
-            raise ManifestError(f"{path}: not a draft table ({e}); re-run the export") from None
+        except (OSError, KeyError, ValueError, TypeError, EOFError, zipfile.BadZipFile) as e:
+            raise ManifestError(f"{path}: not a draft table ({type(e).__name__}: {e}); re-run the export") from None
         first, second, after = arrays["pair_first"], arrays["pair_second"], arrays["pair_next"]
         if not first.shape == second.shape == after.shape or any(
                 a.ndim != 1 or a.dtype.kind not in "iu" or (a.size and not 0 <= int(a.min()) <= int(a.max()) < vocab)

@@ -54,6 +54,9 @@ def test_prompt_lookup_drafts_from_the_table_only_where_the_conversation_has_no_
     lookup.propose([7, 3, 9, 7, 3], limit=4)
     lookup.update(proposed=3, accepted=1)  # until a lookup draft is kept again
     assert lookup.propose([8, 1, 2], limit=4) == [3]
+    lookup.update(proposed=1, accepted=0)
+    assert lookup.table_missed == 1
+    lookup.propose([8, 1, 2], limit=4)
     lookup.update(proposed=1, accepted=1)  # a kept table draft resets its count too
     assert lookup.table_missed == 0
 
@@ -70,6 +73,36 @@ def test_a_bad_table_file_is_refused_in_one_line(tmp_path, arrays, why):
     np.savez(path, **{k: np.asarray(v) for k, v in arrays.items()})
     with pytest.raises(ManifestError, match=why):
         DraftTable.load(path, vocab=256)
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated", np.arange(3).tobytes()])
+def test_a_file_that_is_no_archive_is_refused_in_one_line(tmp_path, content):
+    path = tmp_path / "drafts.npz"
+    path.write_bytes(content)
+    with pytest.raises(ManifestError, match="not a draft table"):
+        DraftTable.load(path, vocab=256)
+
+
+def test_a_plain_npy_array_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "drafts.npz"
+    with open(path, "wb") as f:
+        np.save(f, np.arange(3))
+    with pytest.raises(ManifestError, match="not a draft table"):
+        DraftTable.load(path, vocab=256)
+
+
+def test_a_manifest_whose_table_is_not_a_client_file_is_refused(drafted_bundle):
+    from splitcore.manifest import Manifest
+
+    manifest = json.loads((drafted_bundle / "client" / "manifest.json").read_text())
+    Manifest.model_validate(manifest)
+    elsewhere = {**manifest, "drafts": {**manifest["drafts"], "file": "elsewhere.npz"}}
+    with pytest.raises(ValueError, match="not among the client bundle's files"):
+        Manifest.model_validate(elsewhere)
+    server_only = json.loads(json.dumps(manifest))
+    server_only["files"][manifest["drafts"]["file"]]["roles"] = ["server"]
+    with pytest.raises(ValueError, match="not among the client bundle's files"):
+        Manifest.model_validate(server_only)
 
 
 def test_a_pickled_table_is_not_unpickled(tmp_path):
@@ -110,12 +143,20 @@ def test_greedy_output_with_table_drafts_equals_one_token_per_step(drafted_bundl
     table = DraftTable.load(client.path(client.manifest.drafts.file), client.manifest.model.vocab_size)
     head, tail = HeadRunner(client), TailRunner(server)
     prompt = list(range(30, 44))  # no repeats: drafts come from the table alone at first
-    outputs = []
-    for drafter in (None, PromptLookup(table=table)):
-        generator = SplitGenerator(head, LocalTail(tail, SamplingParams()), prefill_chunk=5, drafter=drafter)
+
+    class Counting(PromptLookup):
+        from_table_proposals = 0
+
+        def propose(self, history, limit):
+            drafts = super().propose(history, limit)
+            self.from_table_proposals += self.from_table
+            return drafts
+
+    outputs, drafter = [], Counting(table=table)
+    for each in (None, drafter):
+        generator = SplitGenerator(head, LocalTail(tail, SamplingParams()), prefill_chunk=5, drafter=each)
         outputs.append([c.token for c in generator.generate(prompt, 40, ())])
-        if drafter is not None:
-            assert generator.drafted > 0, "the table must have drafted something"
+    assert drafter.from_table_proposals > 0, "the table must have drafted something"
     assert outputs[0] == outputs[1]
 
 

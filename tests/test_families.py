@@ -319,7 +319,7 @@ def test_qwen2_gguf_takes_the_same_path(tmp_path, monkeypatch, torch_model):
     path = write_gguf(loaded.model, loaded.tokenizer, tmp_path / "qwen2-tiny.gguf")
     monkeypatch.setenv("SPLIT_CACHE_DIR", str(tmp_path / "converted"))
     out = tmp_path / "bundle"
-    assert export_main(["--model", str(path), "--split-layer", "2", "--out", str(out)]) == 0
+    assert export_main(["--model", str(path), "--split-layer", "2", "--draft-tokens", "0", "--out", str(out)]) == 0
     split = open_split(out)
     model = split.client.manifest.model
     assert (model.model_type, model.attention_bias, model.tie_word_embeddings, model.source) == (

@@ -47,7 +47,8 @@ def split(export_bundle):
         if not root:
             return bundles(export_bundle(model, k, weights))
         out = Path(root) / f"{model.replace(':', '-')}-k{k}-{weights}"
-        assert export_main(["--model", model, "--split-layer", str(k), "--weights", weights, "--out", str(out)]) == 0
+        assert export_main(["--model", model, "--split-layer", str(k), "--weights", weights, "--draft-tokens", "0",
+                            "--out", str(out)]) == 0
         return bundles(out)
 
     return get
