@@ -84,7 +84,7 @@ def _prompt_ids(tokenizer, request: str) -> list[int]:
     if getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": request}], add_generation_prompt=True,
                                             tokenize=True)
-        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids  # a BatchEncoding in some transformers versions
         return [int(t) for t in ids]
     return [int(t) for t in tokenizer(request)["input_ids"]]
 

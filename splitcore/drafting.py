@@ -41,15 +41,22 @@ class DraftTable:
     def load(cls, path: Path, vocab: int) -> DraftTable:
         try:
             with np.load(path, allow_pickle=False) as f:
-                arrays = {name: np.asarray(f[name]) for name in TABLE_ARRAYS}
+                arrays = {name: f[name] for name in TABLE_ARRAYS}
         except (OSError, KeyError, ValueError, TypeError, EOFError, zipfile.BadZipFile) as e:
             raise ManifestError(f"{path}: not a draft table ({type(e).__name__}: {e}); re-run the export") from None
-        first, second, after = arrays["pair_first"], arrays["pair_second"], arrays["pair_next"]
+        try:
+            return cls.from_arrays(arrays, vocab)
+        except ValueError as e:
+            raise ManifestError(f"{path}: {e}; re-run the export") from None
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], vocab: int) -> DraftTable:
+        """The table from its arrays (TABLE_ARRAYS, as export.draft_table.count_ngrams writes them), checked."""
+        first, second, after = (np.asarray(arrays[name]) for name in TABLE_ARRAYS)
         if not first.shape == second.shape == after.shape or any(
                 a.ndim != 1 or a.dtype.kind not in "iu" or (a.size and not 0 <= int(a.min()) <= int(a.max()) < vocab)
-                for a in arrays.values()):
-            raise ManifestError(f"{path}: draft table arrays must be 1-d token ids below {vocab}, of one length; "
-                                "re-run the export")
+                for a in (first, second, after)):
+            raise ValueError(f"draft table arrays must be 1-d token ids below {vocab}, of one length")
         return cls(dict(zip(zip(first.tolist(), second.tolist()), after.tolist())))
 
     def propose(self, history: Sequence[int]) -> list[int]:

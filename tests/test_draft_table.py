@@ -22,14 +22,12 @@ from splitcore.sampling import SamplingParams
 
 
 def table_of(sequences) -> DraftTable:
-    arrays = count_ngrams(sequences)
-    return DraftTable(dict(zip(zip(arrays["pair_first"].tolist(), arrays["pair_second"].tolist()),
-                               arrays["pair_next"].tolist())))
+    return DraftTable.from_arrays(count_ngrams(sequences), vocab=100)
 
 
 def test_counts_keep_each_pairs_most_frequent_successor():
     arrays = count_ngrams([[1, 2, 3], [1, 2, 4], [1, 2, 4], [5, 6], [7, 8, 9, 7, 8]])
-    pairs = dict(zip(zip(arrays["pair_first"].tolist(), arrays["pair_second"].tolist()), arrays["pair_next"].tolist()))
+    pairs = DraftTable.from_arrays(arrays, vocab=100).pairs
     assert pairs == {(1, 2): 4, (7, 8): 9, (8, 9): 7, (9, 7): 8}  # (1, 2): 4 twice, 3 once; [5, 6] has no triple
     assert count_ngrams([[3, 4, 9], [3, 4, 2]])["pair_next"].tolist() == [2]  # a tie: the smaller id
 
