@@ -14,7 +14,7 @@ from client.http import TailClient, Traffic
 from client.remote import RemoteTail
 from client.settings import ClientSettings
 from client.tokenizer import ChatTokenizer
-from splitcore.drafting import DraftTable, PromptLookup
+from splitcore.drafting import DraftTable, PromptLookup, StepCosts
 from splitcore.errors import SplitError
 from splitcore.generation import LocalTail, SplitGenerator, TailLink
 from splitcore.graphs import HeadRunner, LmHeadRunner, TailRunner
@@ -63,6 +63,7 @@ class Split:
         self.traffic = Traffic()  # every remote link's bytes, added up
         self.lm_head = lm_head(self.bundle, settings)
         self.draft_table = draft_table(self.bundle) if settings.speculate else None
+        self.step_costs = StepCosts()  # what a drafted position costs against a step, learned across conversations
         self.spare_lock = threading.Lock()
         # The first conversation's session opens now, while the head and the tokenizer load, so neither a command
         # line run nor the first request to the gateway waits a round trip for it.
@@ -128,7 +129,8 @@ class Split:
             settings = self.settings.model_copy(update={"max_length": max_length})
             link = RemoteTail.open(self.bundle, settings, params, self.lm_head, self.http, self.traffic,
                                    background=True, min_length=required or 1)
-        drafter = PromptLookup(self.settings.max_draft, table=self.draft_table) if self.settings.speculate else None
+        drafter = (PromptLookup(self.settings.max_draft, table=self.draft_table, costs=self.step_costs)
+                   if self.settings.speculate else None)
         return SplitGenerator(self.head, link, self.settings.prefill_chunk, self.noise, drafter, max_length)
 
     def _take_spare(self, params: SamplingParams) -> RemoteTail | None:

@@ -28,6 +28,7 @@ from export.matmul_weights import FLOAT_SCHEMES, QUANTIZED_SCHEMES, MatMulWeight
 from export.sources import accepted_models, load_model
 from export.validate import validate, validate_full
 from splitcore import names
+from splitcore.drafting import DraftTable
 from splitcore.errors import SplitError
 from splitcore.manifest import MANIFEST_FILE, GraphSpec, load_bundle
 
@@ -102,6 +103,8 @@ def up_to_date(out: Path, wanted: dict) -> bool:
         load_bundle(out / bundles.SERVER, "server")
         if wanted.get("full"):
             load_bundle(out / bundles.FULL, "full")
+        if client.manifest.drafts is not None:  # a table written by an older exporter is written again
+            DraftTable.load(client.path(client.manifest.drafts.file), client.manifest.model.vocab_size)
     except SplitError:
         return False
     manifest = client.manifest

@@ -3,8 +3,9 @@
 Prompt lookup drafts what a conversation repeats; open chat answers repeat little of their prompt (bench-wan: chat
 1.03x at 30 ms RTT with lookup alone). At export the model answers a few generic requests (the bundle's chat
 template; seeded sampling at temperature 0.7, top-k 50) and the table keeps, for each pair of consecutive tokens,
-the token that most often followed it. The client drafts from it when lookup finds nothing (splitcore/drafting.py);
-the tail verifies every draft as always, so the output is what it would be without.
+the token that most often followed it, with the counts that say how often it did. The client drafts from it when
+lookup finds nothing, as many tokens as are worth their cost (splitcore/drafting.py); the tail verifies every
+draft as always, so the output is what it would be without.
 
 On SmolLM2, 16,384 sampled tokens take about 100 s on 2 cores. Random-weight models get no table by default: their
 samples say nothing about what they will write.
@@ -91,17 +92,20 @@ def _prompt_ids(tokenizer, request: str) -> list[int]:
 
 def count_ngrams(sequences: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
     """The table's arrays (splitcore.drafting.TABLE_ARRAYS): each pair's most frequent successor (ties: the smaller
-    id), pairs in sorted order, so one corpus always gives the same file."""
+    id), how often the pair was seen with a successor and how often that one followed; pairs in sorted order, so one
+    corpus always gives the same file."""
     pairs: defaultdict[tuple[int, int], Counter] = defaultdict(Counter)
     for seq in sequences:
         for a, b, c in zip(seq, seq[1:], seq[2:]):
             pairs[(a, b)][c] += 1
     keys = sorted(pairs)
+    best = [max(pairs[k].items(), key=lambda item: (item[1], -item[0])) for k in keys]
     arrays = {
         "pair_first": np.array([a for a, _ in keys], dtype=np.int32),
         "pair_second": np.array([b for _, b in keys], dtype=np.int32),
-        "pair_next": np.array([max(pairs[k].items(), key=lambda item: (item[1], -item[0]))[0] for k in keys],
-                              dtype=np.int32),
+        "pair_next": np.array([token for token, _ in best], dtype=np.int32),
+        "pair_seen": np.array([sum(pairs[k].values()) for k in keys], dtype=np.int32),
+        "next_seen": np.array([count for _, count in best], dtype=np.int32),
     }
     assert tuple(arrays) == TABLE_ARRAYS
     return arrays

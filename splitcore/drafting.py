@@ -3,18 +3,26 @@ tokens), so one round trip to the tail can verify several positions; where the c
 bundle's draft table (n-grams the model itself tends to write, sampled at export: export/draft_table.py).
 
 Summaries, rewrites, code edits and lists repeat long stretches of their input; a draft costs no model call at all,
-and a wrong one costs only the extra positions of one step (verifying 5 positions costs ~1.2x one on a 2-core CPU).
-The draft length adapts: it grows while drafts are accepted in full and shrinks to what was accepted when not.
-After drafts are rejected outright three times in a row, a draft needs a longer match (two tokens, then three), and one
-accepted token lowers the bar again: open chat matches single common tokens everywhere, and on a fast link each such
-draft costs compute no round trip hides. The table's drafts (one token, where lookup has nothing) keep their own
-count: after TABLE_MISSES misses in a row the table rests until a lookup draft is kept again. (A replay of SmolLM2
-answers at 30 ms RTT: sharing one count with lookup cost rewrites and lists a tenth of their gain.)
+and a wrong one costs only the extra positions of one step. The lookup draft's length adapts: it grows while drafts
+are accepted in full and shrinks to what was accepted when not. After drafts are rejected outright three times in a
+row, a draft needs a longer match (two tokens, then three), and one accepted token lowers the bar again: open chat
+matches single common tokens everywhere.
+
+The table's drafts are weighed, not just sent: each comes with the chance, as counted at export, that it is right,
+and the drafter sends as many of the table's chain as maximise the expected tokens per second of the step, given
+what an extra verified position costs against a whole step *here*. That ratio is the deployment's (an int4 tail on
+a 2-core CPU adds 2.6 ms per drafted position: 5% of a step at 30 ms RTT, 25% on loopback; a GPU tail next to
+nothing), so it is learned from the conversation's own steps (StepCosts). The table's counted chances are scaled by
+how its drafts actually fared in this conversation, an estimate that forgets slowly so a table that was wrong for a
+while is tried again.
 """
 
 from __future__ import annotations
 
+import statistics
+import threading
 import zipfile
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,18 +32,21 @@ from splitcore.errors import ManifestError
 
 # Drafts rejected in a row per extra token of match a draft then needs.
 REJECTIONS_PER_TOKEN = 3
-# The table drafts one token (a replay of SmolLM2 answers on a fast link: two, or single-token contexts, lost chat
-# time there) and stops after this many misses in a row, until a lookup draft is kept again.
-TABLE_MISSES = 6
-# What a draft table file holds: integer arrays, read without pickle.
-TABLE_ARRAYS = ("pair_first", "pair_second", "pair_next")
+# What a draft table file holds: integer arrays, read without pickle. For each pair of tokens: its most frequent
+# successor, how often the pair was seen with a successor and how often that successor followed.
+TABLE_ARRAYS = ("pair_first", "pair_second", "pair_next", "pair_seen", "next_seen")
+# A pair seen n times with its successor k times drafts that successor with chance k / (n + PRIOR_SEEN): counted
+# on sampled answers, a pair seen once is right for the model's greedy answers 23% of the time, not 100% (SmolLM2).
+PRIOR_SEEN = 2
+# Each step, the evidence of how the table's drafts fared in this conversation keeps this share of its weight.
+CALIBRATION_MEMORY = 0.98
 
 
 class DraftTable:
-    """The token that most often followed each pair of tokens in the model's own answers."""
+    """The token that most often followed each pair of tokens in the model's own answers, and how often it did."""
 
-    def __init__(self, pairs: dict[tuple[int, int], int]) -> None:
-        self.pairs = pairs
+    def __init__(self, pairs: dict[tuple[int, int], tuple[int, float]]) -> None:
+        self.pairs = pairs  # (first, second) -> (successor, the chance it is right)
 
     @classmethod
     def load(cls, path: Path, vocab: int) -> DraftTable:
@@ -52,24 +63,83 @@ class DraftTable:
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], vocab: int) -> DraftTable:
         """The table from its arrays (TABLE_ARRAYS, as export.draft_table.count_ngrams writes them), checked."""
-        first, second, after = (np.asarray(arrays[name]) for name in TABLE_ARRAYS)
-        if not first.shape == second.shape == after.shape or any(
-                a.ndim != 1 or a.dtype.kind not in "iu" or (a.size and not 0 <= int(a.min()) <= int(a.max()) < vocab)
-                for a in (first, second, after)):
-            raise ValueError(f"draft table arrays must be 1-d token ids below {vocab}, of one length")
-        return cls(dict(zip(zip(first.tolist(), second.tolist()), after.tolist())))
+        first, second, after, seen, followed = (np.asarray(arrays[name]) for name in TABLE_ARRAYS)
+        if not first.shape == second.shape == after.shape == seen.shape == followed.shape or any(
+                a.ndim != 1 or a.dtype.kind not in "iu" for a in (first, second, after, seen, followed)):
+            raise ValueError(f"draft table arrays must be 1-d integers of one length, got "
+                             f"{[(a.dtype.name, a.shape) for a in (first, second, after, seen, followed)]}")
+        if first.size and not all(0 <= int(a.min()) <= int(a.max()) < vocab for a in (first, second, after)):
+            raise ValueError(f"draft table token ids must be below {vocab}")
+        if first.size and not (1 <= int(followed.min()) and bool(np.all(followed <= seen))):
+            raise ValueError("draft table counts must be >= 1 and a successor's count at most its pair's")
+        chances = followed.astype(np.float64) / (seen.astype(np.float64) + PRIOR_SEEN)
+        return cls(dict(zip(zip(first.tolist(), second.tolist()), zip(after.tolist(), chances.tolist()))))
 
-    def propose(self, history: Sequence[int]) -> list[int]:
-        """The table's successor of the last two tokens of ``history``, or [] where it has none."""
+    def chain(self, history: Sequence[int], limit: int) -> tuple[list[int], list[float]]:
+        """Up to ``limit`` tokens after ``history``, each the successor of the two before it, and for each the
+        chance that it and every one before it are right; ([], []) where the last pair is unknown."""
         if len(history) < 2:
-            return []
-        following = self.pairs.get((int(history[-2]), int(history[-1])))
-        return [] if following is None else [following]
+            return [], []
+        tokens: list[int] = []
+        chances: list[float] = []
+        first, second, chance = int(history[-2]), int(history[-1]), 1.0
+        while len(tokens) < limit:
+            entry = self.pairs.get((first, second))
+            if entry is None:
+                break
+            following, right = entry
+            chance *= right
+            tokens.append(following)
+            chances.append(chance)
+            first, second = second, following
+        return tokens, chances
+
+
+class StepCosts:
+    """What one more verified position costs, as a share of a one-position decode step, from recent decode steps
+    (head, link and tail together: whatever the deployment is). One per client process and tail, shared by its
+    conversations (the gateway's from several threads)."""
+
+    WINDOW = 24  # recent steps kept per kind; medians, so one slow step (a GC pause, a busy tail) moves nothing
+    PRIOR_SHARE = 0.1  # assumed until both kinds of step were timed
+
+    def __init__(self) -> None:
+        self.single: deque[float] = deque(maxlen=self.WINDOW)  # seconds of one-position steps
+        self.extra: deque[float] = deque(maxlen=self.WINDOW)  # seconds per drafted position, beyond a single step
+        self.lock = threading.Lock()
+
+    def observe(self, positions: int, seconds: float) -> None:
+        with self.lock:
+            if positions == 1:
+                self.single.append(seconds)
+            elif positions > 1 and self.single:
+                self.extra.append((seconds - statistics.median(self.single)) / (positions - 1))
+
+    def position_share(self) -> float:
+        with self.lock:
+            if not self.single or not self.extra:
+                return self.PRIOR_SHARE
+            return max(statistics.median(self.extra), 0.0) / max(statistics.median(self.single), 1e-6)
+
+    def best_length(self, chances: Sequence[float]) -> int:
+        """How many drafts of a chain to send, ``chances[i]`` being the chance that the first i + 1 are all kept:
+        the count with the most expected tokens (kept drafts plus the tail's own) per unit of step time."""
+        share = self.position_share()
+        best, best_rate, expected = 0, 1.0, 1.0
+        for length, chance in enumerate(chances, 1):
+            expected += chance
+            rate = expected / (1.0 + share * length)
+            if rate > best_rate:
+                best, best_rate = length, rate
+        return best
 
 
 class PromptLookup:
-    def __init__(self, max_draft: int = 8, max_ngram: int = 3, min_ngram: int = 1, table: DraftTable | None = None
-                 ) -> None:
+    """The client's drafter: prompt lookup first, the draft table where lookup finds nothing, each step's draft
+    sized to what verifying it costs here (``observe`` is told every decode step's positions and time)."""
+
+    def __init__(self, max_draft: int = 8, max_ngram: int = 3, min_ngram: int = 1, table: DraftTable | None = None,
+                 costs: StepCosts | None = None) -> None:
         if max_draft < 1 or not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need max_draft >= 1 and 1 <= min_ngram <= max_ngram, got {max_draft}, "
                              f"{min_ngram}, {max_ngram}")
@@ -77,21 +147,33 @@ class PromptLookup:
         self.length = min(4, max_draft)
         self.rejected = 0  # drafts in a row of which not one token was kept
         self.table = table
-        self.table_missed = 0  # table drafts in a row that were not kept
+        self.costs = costs or StepCosts()
+        # How the table's drafts fared here: tokens kept, and the sum of their counted chances; slowly forgotten.
+        self.table_kept = self.table_expected = 0.0
         self.from_table = False  # where the last proposal came from
+        self._chances: list[float] = []  # the counted chances of the table drafts last proposed
 
     def propose(self, history: Sequence[int], limit: int) -> list[int]:
-        """Up to ``min(limit, current draft length)`` tokens likely to follow ``history`` (from the table: one);
-        [] when nothing matches."""
+        """Up to ``limit`` tokens likely to follow ``history`` (from lookup: at most the current draft length);
+        [] when nothing matches or no draft is worth its cost."""
         self.from_table = False
-        if min(limit, self.length) < 1 or len(history) < 2:
+        self.table_kept *= CALIBRATION_MEMORY
+        self.table_expected *= CALIBRATION_MEMORY
+        if min(limit, self.max_draft) < 1 or len(history) < 2:
             return []
         drafts = self._lookup(history, min(limit, self.length))
-        if drafts or self.table is None or self.table_missed >= TABLE_MISSES:
+        if drafts or self.table is None:
             return drafts
-        drafts = self.table.propose(history)
-        self.from_table = bool(drafts)
-        return drafts
+        tokens, chances = self.table.chain(history, min(limit, self.max_draft))
+        calibration = (self.table_kept + 1.0) / (self.table_expected + 1.0)
+        count = self.costs.best_length([min(c * calibration, 1.0) for c in chances])
+        self.from_table = count > 0
+        self._chances = chances[:count]
+        return tokens[:count]
+
+    def observe(self, positions: int, seconds: float) -> None:
+        """A decode step of ``positions`` positions (the last token and its drafts) took ``seconds``."""
+        self.costs.observe(positions, seconds)
 
     def _lookup(self, history: Sequence[int], limit: int) -> list[int]:
         # Vectorised: this runs once per generated token over the whole conversation (a Python scan cost 0.7 ms
@@ -110,14 +192,12 @@ class PromptLookup:
         return []
 
     def update(self, proposed: int, accepted: int) -> None:
-        """Adapt the draft length, and the match a draft needs, to how the last draft fared. The table's drafts
-        count apart (their misses must not shorten the conversation's own drafts); a kept lookup draft lowers the
-        table's bar too."""
+        """Adapt the lookup draft's length, and the match a draft needs, to how the last draft fared; a table draft
+        adds to the table's record instead (its misses must not shorten the conversation's own drafts)."""
         if self.from_table:
-            self.table_missed = self.table_missed + 1 if accepted == 0 else 0
+            self.table_kept += accepted
+            self.table_expected += sum(self._chances[:proposed])
             return
-        if accepted:
-            self.table_missed = 0
         self.rejected = self.rejected + 1 if accepted == 0 else 0
         if accepted == proposed:
             self.length = min(self.length + 1, self.max_draft)

@@ -6,6 +6,7 @@ parity reference for the networked one.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from typing import Protocol
 
@@ -174,8 +175,10 @@ class SplitGenerator:
 
     def _verify(self, token: int, drafts: list[int]) -> tuple[list[Choice], int]:
         """Feed ``token`` and the drafts as one chunk; returns the tail's samples and how many drafts they keep."""
+        started = time.perf_counter()
         hidden, past = self._send([token, *drafts])
         choices = self.tail.verify(hidden, past, len(drafts) + 1)
+        self.drafter.observe(len(drafts) + 1, time.perf_counter() - started)
         accepted = 0
         while accepted < len(drafts) and choices[accepted].token == drafts[accepted]:
             accepted += 1
@@ -222,7 +225,10 @@ class SplitGenerator:
             # Drafts never take the run past max_new_tokens: every kept draft plus the final sample fits.
             drafts = self._drafts(choice.token, max_new_tokens - produced - 1)
             if not drafts:
+                started = time.perf_counter()
                 choice = self.feed([choice.token])
+                if self.drafter is not None:
+                    self.drafter.observe(1, time.perf_counter() - started)
                 continue
             start = self.cache.length(0)
             choices, accepted = self._verify(choice.token, drafts)

@@ -13,7 +13,7 @@ from conftest import TINY
 from client.split import draft_table
 from export.__main__ import main as export_main
 from export.draft_table import count_ngrams
-from splitcore.drafting import TABLE_ARRAYS, TABLE_MISSES, DraftTable, PromptLookup
+from splitcore.drafting import PRIOR_SEEN, TABLE_ARRAYS, DraftTable, PromptLookup, StepCosts
 from splitcore.errors import ManifestError
 from splitcore.generation import LocalTail, SplitGenerator
 from splitcore.graphs import HeadRunner, TailRunner
@@ -25,46 +25,80 @@ def table_of(sequences) -> DraftTable:
     return DraftTable.from_arrays(count_ngrams(sequences), vocab=100)
 
 
-def test_counts_keep_each_pairs_most_frequent_successor():
+def test_counts_keep_each_pairs_most_frequent_successor_and_how_often_it_followed():
     arrays = count_ngrams([[1, 2, 3], [1, 2, 4], [1, 2, 4], [5, 6], [7, 8, 9, 7, 8]])
     pairs = DraftTable.from_arrays(arrays, vocab=100).pairs
-    assert pairs == {(1, 2): 4, (7, 8): 9, (8, 9): 7, (9, 7): 8}  # (1, 2): 4 twice, 3 once; [5, 6] has no triple
+    assert {k: v[0] for k, v in pairs.items()} == {(1, 2): 4, (7, 8): 9, (8, 9): 7, (9, 7): 8}  # [5, 6]: no triple
+    assert (arrays["pair_seen"].tolist(), arrays["next_seen"].tolist()) == ([3, 1, 1, 1], [2, 1, 1, 1])
+    assert pairs[(1, 2)][1] == pytest.approx(2 / (3 + PRIOR_SEEN))  # 4 followed (1, 2) twice in three
     assert count_ngrams([[3, 4, 9], [3, 4, 2]])["pair_next"].tolist() == [2]  # a tie: the smaller id
 
 
-def test_the_table_drafts_the_successor_of_the_last_two_tokens():
-    table = table_of([[1, 2, 3, 4], [9, 3, 4]])
-    assert table.propose([0, 1, 2]) == [3]
-    assert table.propose([5, 3]) == []  # (5, 3) unknown
-    assert table.propose([2]) == []
+def test_the_table_chains_successors_with_the_chance_that_all_of_them_are_right():
+    table = table_of([[1, 2, 3, 4], [9, 3, 4], [1, 2, 3, 5]])
+    twice, half = 2 / (2 + PRIOR_SEEN), 1 / (2 + PRIOR_SEEN)
+    tokens, chances = table.chain([0, 1, 2], limit=5)
+    assert tokens == [3, 4] and chances == pytest.approx([twice, twice * half])  # (2, 3) -> 4 or 5: the smaller
+    assert table.chain([0, 1, 2], limit=1) == ([3], [pytest.approx(twice)])
+    assert table.chain([5, 3], limit=4) == ([], [])  # (5, 3) unknown
+    assert table.chain([2], limit=4) == ([], [])
+
+
+def test_step_costs_send_the_drafts_that_pay_for_their_positions():
+    costs = StepCosts()
+    assert costs.position_share() == StepCosts.PRIOR_SHARE  # nothing timed yet
+    for _ in range(5):
+        costs.observe(1, 0.040)
+        costs.observe(3, 0.044)  # two drafted positions, 2 ms each: 5% of a step
+    assert costs.position_share() == pytest.approx(0.05)
+    assert costs.best_length([0.3, 0.1, 0.01]) == 2  # the third: 1% more tokens for 5% more time
+    assert costs.best_length([0.04]) == 0
+    slow = StepCosts()
+    for _ in range(5):
+        slow.observe(1, 0.010)
+        slow.observe(2, 0.013)  # 30% of a step per drafted position (a CPU tail on loopback)
+    assert slow.best_length([0.25, 0.1]) == 0 and slow.best_length([0.9, 0.8]) == 2
 
 
 def test_prompt_lookup_drafts_from_the_table_only_where_the_conversation_has_no_match():
-    table = table_of([[1, 2, 3, 4, 5]])
+    table = table_of([[1, 2, 3, 4, 5]] * 3)  # each pair seen three times, always with the same successor
     lookup = PromptLookup(max_draft=8, table=table)
     assert lookup.propose([7, 3, 9, 7, 3], limit=4) == [9, 7, 3] and not lookup.from_table  # the conversation first
-    assert lookup.propose([8, 1, 2], limit=4) == [3] and lookup.from_table  # no match: one token from the table
-    for _ in range(TABLE_MISSES):
-        assert lookup.propose([8, 1, 2], limit=4) == [3]
+    assert lookup.propose([8, 1, 2], limit=4) == [3, 4, 5] and lookup.from_table  # no match: the table's chain
+    assert lookup.propose([8, 1, 2], limit=2) == [3, 4]
+
+
+def test_table_drafts_that_keep_missing_stop_until_their_record_fades():
+    table = table_of([[1, 2, 3]] * 3)
+    lookup = PromptLookup(max_draft=8, table=table)
+    for _ in range(5):
+        lookup.observe(1, 0.040)
+        lookup.observe(2, 0.048)  # 20% of a step per drafted position: a chance of 0.6 pays, 0.2 does not
+    misses = 0
+    while lookup.propose([8, 1, 2], limit=4) == [3]:
         lookup.update(proposed=1, accepted=0)
-    assert (lookup.length, lookup.rejected) == (4, 0)  # the table's misses count apart from the conversation's
-    assert lookup.propose([8, 1, 2], limit=4) == []  # enough misses in a row: the table rests
-    lookup.propose([7, 3, 9, 7, 3], limit=4)
-    lookup.update(proposed=3, accepted=1)  # until a lookup draft is kept again
-    assert lookup.propose([8, 1, 2], limit=4) == [3]
-    lookup.update(proposed=1, accepted=0)
-    assert lookup.table_missed == 1
-    lookup.propose([8, 1, 2], limit=4)
-    lookup.update(proposed=1, accepted=1)  # a kept table draft resets its count too
-    assert lookup.table_missed == 0
+        misses += 1
+        assert misses < 20, "the table must stop drafting after missing again and again"
+    assert misses >= 2 and (lookup.length, lookup.rejected) == (4, 0)  # apart from the conversation's own record
+    rested = 1
+    while lookup.propose([8, 1, 2], limit=4) == []:
+        rested += 1
+        assert rested < 500, "an old record must fade and the table be tried again"
+    assert rested >= 5
+
+
+GOOD = {"pair_first": [1], "pair_second": [2], "pair_next": [3], "pair_seen": [2], "next_seen": [1]}
 
 
 @pytest.mark.parametrize(("arrays", "why"), [
-    ({"pair_first": [1], "pair_second": [2], "pair_next": [300]}, "below 256"),
-    ({"pair_first": [1, 2], "pair_second": [2], "pair_next": [3]}, "of one length"),
-    ({"pair_first": [1], "pair_second": [2], "pair_next": [-3]}, "below 256"),
-    ({"pair_first": [1.5], "pair_second": [2], "pair_next": [3]}, "token ids"),
-    ({"pair_first": [1], "pair_second": [2]}, "not a draft table"),
+    ({**GOOD, "pair_next": [300]}, "below 256"),
+    ({**GOOD, "pair_first": [1, 2]}, "of one length"),
+    ({**GOOD, "pair_next": [-3]}, "below 256"),
+    ({**GOOD, "pair_first": [1.5]}, "integers"),
+    ({**GOOD, "next_seen": [3]}, "at most its pair's"),
+    ({**GOOD, "next_seen": [0], "pair_seen": [0]}, "counts must be >= 1"),
+    ({k: v for k, v in GOOD.items() if k != "pair_next"}, "not a draft table"),
+    ({k: v for k, v in GOOD.items() if k != "next_seen"}, "not a draft table"),  # a table of an older export
 ])
 def test_a_bad_table_file_is_refused_in_one_line(tmp_path, arrays, why):
     path = tmp_path / "drafts.npz"
@@ -105,7 +139,7 @@ def test_a_manifest_whose_table_is_not_a_client_file_is_refused(drafted_bundle):
 
 def test_a_pickled_table_is_not_unpickled(tmp_path):
     path = tmp_path / "drafts.npz"
-    np.savez(path, pair_first=np.array([{"x": 1}], dtype=object), pair_second=np.array([1]), pair_next=np.array([1]))
+    np.savez(path, **{**{k: np.asarray(v) for k, v in GOOD.items()}, "pair_first": np.array([{"x": 1}], dtype=object)})
     with pytest.raises(ManifestError, match="not a draft table"):
         DraftTable.load(path, vocab=256)
 
@@ -135,6 +169,26 @@ def test_export_writes_the_table_into_the_client_bundle_and_its_manifest(drafted
         load_bundle(copy, "client")
 
 
+def test_a_bundle_whose_table_an_older_exporter_wrote_is_exported_again(drafted_bundle, tmp_path, caplog):
+    import hashlib
+
+    out = tmp_path / "tiny"
+    shutil.copytree(drafted_bundle, out)
+    table = out / "client" / "drafts.npz"
+    with np.load(table) as f:  # the arrays of the first table format: no counts
+        np.savez(table, **{name: f[name] for name in ("pair_first", "pair_second", "pair_next")})
+    manifest_path = out / "client" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"]["drafts.npz"].update(sha256=hashlib.sha256(table.read_bytes()).hexdigest(),
+                                           bytes=table.stat().st_size)
+    manifest_path.write_text(json.dumps(manifest))
+    load_bundle(out / "client", "client")  # a consistent bundle, its table alone is stale
+    with caplog.at_level("INFO"):
+        assert export_main(["--model", TINY, "--split-layer", "2", "--draft-tokens", "2048", "--out", str(out)]) == 0
+    assert "up to date" not in caplog.text
+    assert len(draft_table(load_bundle(out / "client", "client")).pairs) > 100
+
+
 def test_greedy_output_with_table_drafts_equals_one_token_per_step(drafted_bundle):
     client = load_bundle(drafted_bundle / "client", "client", verify=False)
     server = load_bundle(drafted_bundle / "server", "server")
@@ -156,6 +210,7 @@ def test_greedy_output_with_table_drafts_equals_one_token_per_step(drafted_bundl
         outputs.append([c.token for c in generator.generate(prompt, 40, ())])
     assert drafter.from_table_proposals > 0, "the table must have drafted something"
     assert outputs[0] == outputs[1]
+    assert drafter.costs.single and drafter.costs.extra, "every decode step's time must reach the drafter"
 
 
 def test_the_client_drafts_from_its_bundles_table_unless_speculation_is_off(drafted_bundle):
@@ -166,6 +221,8 @@ def test_the_client_drafts_from_its_bundles_table_unless_speculation_is_off(draf
     try:
         generator = split.new_generator(SamplingParams())
         assert generator.drafter.table is split.draft_table and len(split.draft_table.pairs) > 0
+        # What a drafted position costs is the deployment's: one record for every conversation of the process.
+        assert generator.drafter.costs is split.new_generator(SamplingParams()).drafter.costs is split.step_costs
     finally:
         split.close()
     split = Split(ClientSettings(bundle=drafted_bundle, speculate=False), local=True)
