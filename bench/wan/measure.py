@@ -113,6 +113,8 @@ def run_turn(split, ids: Sequence[int], new_tokens: int, stops: Sequence[int]) -
         "decode_sent": after[0] - at_first[0], "decode_received": after[1] - at_first[1],
         "replays": after[3] - before[3],
         "drafted": getattr(generator, "drafted", 0), "accepted": getattr(generator, "accepted", 0),
+        # What the client had measured a drafted position to cost, as a share of a one-position step.
+        "position_share": generator.drafter.costs.position_share() if generator.drafter is not None else None,
     }
 
 

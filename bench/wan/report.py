@@ -48,7 +48,12 @@ def aggregate(turns: list[dict], prefill: dict[tuple[str, int], float]) -> dict:
         "ttft_excess_max_ms": 1000 * max(excess) if excess else None,
         "decode_bytes_per_token": decode_bytes / tokens if tokens else 0.0,
         "draft_acceptance": sum(t.get("accepted", 0) for t in turns) / drafted if drafted else None,
+        "position_share": _median_or_none([t["position_share"] for t in turns if t.get("position_share") is not None]),
     }
+
+
+def _median_or_none(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
 
 
 def summarize(result: dict) -> dict:
@@ -165,8 +170,8 @@ def markdown(result: dict, summary: dict) -> str:
         lines.append(f"| {rtt:g} ms | " + " | ".join(cells) + " |")
     lines += ["", "## Per RTT, whole prompt set (off / on)", "",
               "| RTT | decode tok/s | tokens per round trip | TTFT median | TTFT - local prefill | "
-              "decode bytes per token | drafts accepted |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+              "decode bytes per token | drafts accepted | a drafted position's cost, as the client measured it |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for rtt in summary["rtts_ms"]:
         off, on = table.get(f"{rtt:g}/off/{MIXED}"), table.get(f"{rtt:g}/on/{MIXED}")
         if not (off and on):
@@ -176,7 +181,9 @@ def markdown(result: dict, summary: dict) -> str:
         cells = [_pair(off, on, key, fmt) + unit for key, fmt, unit in (
             ("decode_tok_s", ".1f", ""), ("tokens_per_round_trip", ".2f", ""), ("ttft_ms", ".0f", " ms"),
             ("ttft_excess_ms", ".0f", " ms"), ("decode_bytes_per_token", ",.0f", ""))]
-        lines.append(f"| {rtt:g} ms | " + " | ".join(cells) + f" | {acceptance} |")
+        share = on.get("position_share")
+        cost = f"{share:.0%} of a step" if share is not None else "-"
+        lines.append(f"| {rtt:g} ms | " + " | ".join(cells) + f" | {acceptance} | {cost} |")
     local = result.get("local", {}).get("rows", [])
     if local:
         prefill = statistics.median(r["prefill_s"] for r in local) * 1000
