@@ -71,7 +71,11 @@ class Reply:
     body: bytes
 
     def json(self) -> object:
-        return json.loads(self.body)
+        """The body as JSON; ValueError for anything else, a body nested too deep for the parser included."""
+        try:
+            return json.loads(self.body)
+        except RecursionError:
+            raise ValueError("JSON nested too deeply") from None
 
 
 def printable(text: str, limit: int = 200) -> str:

@@ -417,5 +417,6 @@ def error_kind(reply: Reply) -> str | None:
 
 
 def retry_after(reply: Reply) -> float | None:
-    value = reply.headers.get("retry-after", "")
-    return float(value) if value.isdigit() else None
+    value = reply.headers.get("retry-after", "").strip()
+    # Seconds as ASCII digits (str.isdigit also takes superscripts and other scripts' digits, float() does not).
+    return float(value) if value.isascii() and value.isdigit() else None

@@ -15,6 +15,7 @@ from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Depends, Header, Request, Response
+from pydantic import BeforeValidator
 
 from services.engine import Engine, OpenRequest, StepRequest
 from services.metrics import Metrics
@@ -85,6 +86,18 @@ async def close_session(session_id: str, service: ServiceDep) -> Response:
     return Response(status_code=204)
 
 
+def _decimal(value: object) -> object:
+    """A number header as plain ASCII digits ("0.0", "1_0", "+3" or "²" are not lengths); int() alone takes all four
+    but the last, and pydantic's lax int the first two."""
+    if isinstance(value, str) and not (value.isascii() and value.isdigit()):
+        raise ValueError("expected a non-negative integer in decimal digits")
+    return value
+
+
+# An integer header, read strictly.
+Count = Annotated[int, BeforeValidator(_decimal)]
+
+
 @router.post(
     "/{session_id}/steps",
     response_model=protocol.StepResult,
@@ -102,14 +115,14 @@ async def step(
     session_id: str,
     request: Request,
     service: ServiceDep,
-    x_past_length: Annotated[int, Header(ge=0, le=protocol.MAX_INT,
+    x_past_length: Annotated[Count, Header(ge=0, le=protocol.MAX_INT,
                                          description="positions the client believes are cached")],
     x_manifest_sha256: Annotated[str | None, Header()] = None,
-    x_sample: Annotated[int, Header(ge=0, le=1)] = 1,
+    x_sample: Annotated[Count, Header(ge=0, le=1)] = 1,
     x_return: Annotated[protocol.ReturnKind, Header()] = "token",
-    x_keep_length: Annotated[int | None, Header(ge=0, le=protocol.MAX_INT,
+    x_keep_length: Annotated[Count | None, Header(ge=0, le=protocol.MAX_INT,
                                                 description="roll back to this many positions first")] = None,
-    x_sample_count: Annotated[int, Header(ge=1, le=MAX_SAMPLE_COUNT,
+    x_sample_count: Annotated[Count, Header(ge=1, le=MAX_SAMPLE_COUNT,
                                           description="sample each of the last n positions")] = 1,
 ):
     check_manifest(service, x_manifest_sha256)

@@ -41,6 +41,9 @@ STATUS = {
 }
 
 
+# What FastAPI says when json.loads raises something other than a decode error (RecursionError, bad UTF-8).
+UNREADABLE_BODY = "There was an error parsing the body"
+
 def load_service(settings: ServerSettings, bundle: Bundle | None = None,
                  clock: Callable[[], float] = time.monotonic) -> Service:
     """Load and check the tail graph of a bundle (verifying the bundle first unless the caller did) and size the
@@ -113,6 +116,7 @@ def create_app(settings: ServerSettings, bundle: Bundle | None = None, preloaded
         version="2",
         summary="Runs layers [K, N) of a split Llama model on hidden states; text never reaches this server.",
         lifespan=lifespan,
+        redirect_slashes=False,  # a path with a trailing slash is a 404 in JSON, not an empty redirect
     )
     app.include_router(router)
     install_error_handlers(app)
@@ -203,4 +207,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == UNREADABLE_BODY:  # FastAPI's words for a body json.loads refused
+            return respond(request, 422, "InvalidRequest", "the body is not readable JSON (invalid UTF-8, nested too "
+                           "deep or a number too long); expected a JSON object, see /docs for its fields")
         return respond(request, exc.status_code, "HTTPError", str(exc.detail))

@@ -37,7 +37,13 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-class Sampling(_Body):
+class _Request(_Body):
+    # What the service reads is read strictly: true is not 1 and 8.0 is not 8. (The client reads the service's
+    # answers strictly too: client.remote.parse.)
+    model_config = ConfigDict(strict=True)
+
+
+class Sampling(_Request):
     temperature: float = Field(0.0, ge=0, le=1e6, description="0 is greedy")
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, le=MAX_INT, description="0 keeps every token")
@@ -45,7 +51,7 @@ class Sampling(_Body):
     seed: int | None = Field(None, ge=0, le=MAX_INT)
 
 
-class OpenSession(_Body):
+class OpenSession(_Request):
     manifest_sha256: str = Field(max_length=128,
                                  description="sha256 of the manifest.json the client's head was exported with")
     max_length: int | None = Field(None, ge=1, le=MAX_INT, description="most positions this session will hold")

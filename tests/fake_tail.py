@@ -171,7 +171,7 @@ class FakeTail:
         else:
             headers.setdefault("Content-Length", str(len(answer.body)))
         head = f"HTTP/1.1 {answer.status} X\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
-        data = head.encode() + (b"" if answer.endless else answer.body)
+        data = head.encode("latin-1") + (b"" if answer.endless else answer.body)
         if answer.drip_s is not None:
             for i in range(len(data)):
                 writer.write(data[i : i + 1])

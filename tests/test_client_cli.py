@@ -194,6 +194,10 @@ def answered(body: dict) -> object:
     (lambda request, length: Answer(200, b"\x00garbage\x1b[2J"), "malformed step result"),
     (lambda request, length: Answer(200, endless=True), "longer than"),
     (lambda request, length: Answer.json({"token": 1, "length": 1}, drip_s=0.2), "within the 1 s deadline"),
+    # Retry-After in digits that are not ASCII (str.isdigit takes them, float() does not): retried as if absent.
+    (lambda request, length: Answer(503, b"{}", headers={"Retry-After": "\xb2"}), "503"),
+    (lambda request, length: Answer(409, b"[" * 200_000), "409"),  # an error body nested past the JSON parser
+    (lambda request, length: Answer(400, b'{"detail": ' + b"[" * 200_000), "400"),
 ])
 def test_a_hostile_tail_ends_the_command_in_one_line(out, tail, step, expected):
     tail.step = step

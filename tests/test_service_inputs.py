@@ -65,6 +65,9 @@ def bad_steps(size: int, sha: str):
         "huge position": (good, 10**30, sha, {}, 422, "x-past-length"),
         "negative position": (good, -1, sha, {}, 422, "x-past-length"),
         "position not a number": (good, "seven", sha, {}, 422, "x-past-length"),
+        "position 0.0": (good, "0.0", sha, {}, 422, "decimal digits"),  # int() or pydantic's lax int took these
+        "position 0_0": (good, "0_0", sha, {}, 422, "decimal digits"),
+        "keep +0": (good, 0, sha, {"Keep-Length": "+0"}, 422, "decimal digits"),
         "wrong manifest": (good, 0, "0" * 64, {}, 409, "same export"),
         "missing manifest": (good, 0, None, {}, 409, "carries no X-Manifest-Sha256 header"),
         "keep past the length": (good, 0, sha, {"Keep-Length": 1}, 409, "cannot keep 1 positions"),
@@ -134,6 +137,10 @@ def bad_opens(sha: str):
         "generated strings": ({"generated": ["a"]}, 422, "generated"),
         "wrong manifest": ({"manifest_sha256": "f" * 64}, 409, "same export"),
         "not JSON": ("{not json", 422, "JSON"),
+        "max_length true": ({"max_length": True}, 422, "max_length"),  # strict: true is not 1
+        "max_length 8.0": ({"max_length": 8.0}, 422, "max_length"),
+        "nested past the JSON parser": ("[" * 3000, 422, "not readable JSON"),
+        "invalid UTF-8": (b'{"manifest_sha256": "\xff"}', 422, "not readable JSON"),
         "empty body": ("", 422, "body"),
         "body over the limit": ({"generated": [1] * 2000}, 413, "limit of 4096"),
     }
@@ -144,11 +151,17 @@ def test_bad_open_is_a_clear_4xx(tiny, service, case):
     _, client, _ = tiny
     sha = client.manifest_sha256
     body, status, message = bad_opens(sha)[case]
-    content = body if isinstance(body, str) else json.dumps({"manifest_sha256": sha, **body})
+    content = body if isinstance(body, (str, bytes)) else json.dumps({"manifest_sha256": sha, **body})
     response = httpx.post(f"{service}{protocol.SESSIONS_PATH}", content=content,
                           headers={"Content-Type": "application/json"})
     assert_clear_4xx(response, status)
     assert message in response.json()["detail"], response.json()
+
+
+def test_a_path_with_a_trailing_slash_is_a_json_404_not_an_empty_redirect(tiny, service):
+    _, client, _ = tiny
+    response = httpx.post(f"{service}{protocol.SESSIONS_PATH}/", json={"manifest_sha256": client.manifest_sha256})
+    assert_clear_4xx(response, 404)
 
 
 def test_extreme_but_valid_sampling_values_work(tiny, service):
