@@ -11,8 +11,8 @@ matches single common tokens everywhere.
 The table's drafts are weighed, not just sent: each comes with the chance, as counted at export, that it is right,
 and the drafter sends as many of the table's chain as maximise the expected tokens per second of the step, given
 what an extra verified position costs against a whole step *here*. That ratio is the deployment's (an int4 tail on
-a 2-core CPU adds 2.6 ms per drafted position: 5% of a step at 30 ms RTT, 25% on loopback; a GPU tail next to
-nothing), so it is learned from the client's recent steps (StepCosts). The table's counted chances are scaled by
+a 2-core CPU adds 2.6 ms per drafted position: 5% of a step at 30 ms RTT, ~20% on loopback; a GPU tail next
+to nothing), so it is learned from the client's recent steps (StepCosts). The table's counted chances are scaled by
 how its drafts actually fared in this conversation, an estimate that forgets slowly so a table that was wrong for a
 while is tried again.
 """
