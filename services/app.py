@@ -44,6 +44,7 @@ STATUS = {
 # What FastAPI says when json.loads raises something other than a decode error (RecursionError, bad UTF-8).
 UNREADABLE_BODY = "There was an error parsing the body"
 
+
 def load_service(settings: ServerSettings, bundle: Bundle | None = None,
                  clock: Callable[[], float] = time.monotonic) -> Service:
     """Load and check the tail graph of a bundle (verifying the bundle first unless the caller did) and size the
