@@ -139,6 +139,9 @@ def run(args: argparse.Namespace) -> None:
         raise SplitError(f"{args.model} has no tokenizer to sample a draft table with; use --draft-tokens 0")
     model = loaded.model
     n = model.config.num_hidden_layers
+    if n < 2:
+        raise SplitError(f"{args.model} has {n} decoder layer; a split needs at least 2 (one for the head, one for "
+                         "the tail)")
     if not 1 <= args.split_layer <= n - 1:
         raise SplitError(f"--split-layer must be in 1..{n - 1} for {args.model} ({n} layers), got {args.split_layer}")
 

@@ -36,8 +36,14 @@ IR_VERSION = 10
 MS_DOMAIN = "com.microsoft"
 TORCH_TO_ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
 DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}
-# Rope types whose frequencies do not depend on the sequence length, so one precomputed cos/sin table is exact.
-STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope_static")
+# Rope types whose frequencies do not depend on the sequence length, so one precomputed cos/sin table is exact; and
+# dynamic NTK, which within the model's positions (all a conversation may hold) is the default rope: it only grows
+# its frequencies past them.
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+ROPE_TYPES = (*STATIC_ROPE_TYPES, "dynamic")
+# onnxruntime's GroupQueryAttention with the rotary inside refuses other head sizes (1.32, CPU: "head_size shall be
+# a multiple of 16"); checked with the config, before any weights load (export/sources.py).
+HEAD_DIM_MULTIPLE = 16
 # The MLP activations (config.hidden_act) the graphs build, as transformers computes them: SiLU, exact GELU, and
 # GELU's tanh approximation (transformers' "gelu_pytorch_tanh" and "gelu_new" are the same formula). Written out in
 # plain operators: onnxruntime fuses SiLU and exact GELU into one kernel each; the tanh form stays ten elementwise
@@ -83,13 +89,19 @@ def rotary_tables(model: torch.nn.Module, positions: int) -> tuple[np.ndarray, n
     (llama3, linear, yarn, with its attention factor folded in) is exactly what transformers computes."""
     rope = getattr(model.config, "rope_parameters", None) or getattr(model.config, "rope_scaling", None) or {}
     kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind not in STATIC_ROPE_TYPES:
+    if kind not in ROPE_TYPES:
         raise SplitError(f"rope type {kind!r} depends on the sequence length; the exporter supports "
-                         f"{STATIC_ROPE_TYPES}")
+                         f"{', '.join(ROPE_TYPES)}")
     rotary = model.model.rotary_emb
-    dummy = torch.zeros(1, dtype=torch.float32)
+    position_ids = torch.arange(positions, dtype=torch.int64)[None, :]
     with torch.no_grad():
-        cos, sin = rotary(dummy, torch.arange(positions, dtype=torch.int64)[None, :])
+        if kind == "dynamic":
+            # The module's own frequencies before any growth, as its forward uses them for sequences within the
+            # model's positions (called on the whole table, which has one row more, it would grow them).
+            freqs = position_ids[0, :, None].float() * rotary.original_inv_freq.float()[None, :]
+            cos, sin = (freqs.cos() * rotary.attention_scaling)[None], (freqs.sin() * rotary.attention_scaling)[None]
+            return cos[0].numpy(), sin[0].numpy()
+        cos, sin = rotary(torch.zeros(1, dtype=torch.float32), position_ids)
     half = cos.shape[-1] // 2
     return cos[0, :, :half].float().numpy(), sin[0, :, :half].float().numpy()
 

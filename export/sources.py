@@ -35,7 +35,7 @@ from transformers import (
 )
 
 from export.byte_tokenizer import byte_tokenizer
-from export.graph_builder import ACTIVATIONS
+from export.graph_builder import ACTIVATIONS, HEAD_DIM_MULTIPLE
 from splitcore.errors import SplitError
 from splitcore.manifest import sha256_file
 
@@ -166,6 +166,10 @@ def check_config(config, spec: str) -> None:
     if activation not in ACTIVATIONS:
         raise SourceError(f"{spec} uses the MLP activation {activation!r} (hidden_act); the graphs build "
                           f"{', '.join(ACTIVATIONS)}")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head_dim % HEAD_DIM_MULTIPLE:
+        raise SourceError(f"{spec} has attention heads of {head_dim} dimensions; onnxruntime's GroupQueryAttention, "
+                          f"which the graphs use, needs a multiple of {HEAD_DIM_MULTIPLE}")
 
 
 def check_model_type(model_type: str, spec: str) -> None:

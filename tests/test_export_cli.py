@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -235,3 +236,50 @@ def test_export_shows_progress_per_layer_on_stderr(tmp_path, caplog):
     assert [line for line in lines if line.startswith("  tail: layer")] == [f"  tail: layer {i}/3" for i in (1, 2, 3)]
     steps = [line for line in lines if line.startswith("[")]
     assert steps[0] == "[1/5] loading random:tiny" and steps[-1] == "[5/5] writing manifest"
+
+
+# -- shapes a held-out checkpoint may have ------------------------------------------------------------------------
+
+
+def write_llama(directory: Path, **config) -> None:
+    """A tiny random Llama in the transformers layout, with the byte tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from export.byte_tokenizer import byte_tokenizer
+
+    tokenizer = byte_tokenizer(512)
+    shapes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024, initializer_range=0.5,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**{**shapes, **config})).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+@pytest.mark.parametrize("config", [
+    {"max_position_embeddings": 64},  # fewer positions than the held-out text has tokens
+    {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}},  # default rope within them
+    {"head_dim": 32},  # != hidden / heads; logits PyTorch's own fp32 resolves to ~2e-4 only
+])
+def test_a_local_checkpoint_of_these_shapes_exports_and_passes_parity(tmp_path, config):
+    write_llama(tmp_path / "model", **config)
+    out = tmp_path / "out"
+    assert export_main(["--model", str(tmp_path / "model"), "--split-layer", "1", "--draft-tokens", "0",
+                        "--out", str(out)]) == 0
+    manifest = json.loads((out / "client" / "manifest.json").read_text())
+    assert manifest["validation"]["status"] == "passed"
+    assert manifest["validation"]["quality"]["tokens"] == min(256, config.get("max_position_embeddings", 1024))
+
+
+@pytest.mark.parametrize("config, fragments", [
+    # onnxruntime's GroupQueryAttention takes head sizes in multiples of 16 (OpenLLaMA-3B: 100; llama2.c: 8).
+    ({"hidden_size": 40, "num_attention_heads": 5, "num_key_value_heads": 5}, ("heads of 8 dimensions",
+                                                                              "multiple of 16")),
+    ({"num_hidden_layers": 1}, ("has 1 decoder layer", "needs at least 2")),
+])
+def test_a_checkpoint_the_graphs_cannot_split_is_refused_in_one_line(tmp_path, capsys, config, fragments):
+    write_llama(tmp_path / "model", **config)
+    result = export_in_process(capsys, "--model", str(tmp_path / "model"), "--split-layer", "1", "--draft-tokens",
+                               "0", "--out", str(tmp_path / "out"))
+    assert_one_line_error(result, *fragments)
