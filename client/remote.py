@@ -118,7 +118,8 @@ class RemoteTail:
             manifest_sha256=self.bundle.manifest_sha256,
             max_length=self.settings.max_length,
             min_length=self.min_length if self.settings.max_length else None,
-            sampling=protocol.Sampling(**vars(self.params)),
+            # What SamplingParams took (a manifest's top_k of 50.0 included) goes out; the service reads it strictly.
+            sampling=protocol.Sampling.model_validate(vars(self.params), strict=False),
             generated=self.history.tokens().tolist(),
         )
         reply = self.request("POST", protocol.SESSIONS_PATH, json.dumps(body.model_dump()).encode(),

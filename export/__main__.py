@@ -103,8 +103,10 @@ def up_to_date(out: Path, wanted: dict) -> bool:
         load_bundle(out / bundles.SERVER, "server")
         if wanted.get("full"):
             load_bundle(out / bundles.FULL, "full")
-        if client.manifest.drafts is not None:  # a table written by an older exporter is written again
-            DraftTable.load(client.path(client.manifest.drafts.file), client.manifest.model.vocab_size)
+        # A table written by an older exporter (no counts; the client still reads it) is written again.
+        if client.manifest.drafts is not None and not DraftTable.load(
+                client.path(client.manifest.drafts.file), client.manifest.model.vocab_size).counted:
+            return False
     except SplitError:
         return False
     manifest = client.manifest

@@ -17,13 +17,12 @@ FP32_ATOL = 1e-4
 FP32_RTOL = 1e-4
 
 
-def scaled_atol(reference: np.ndarray) -> float:
-    """atol for hidden states and logits: 1e-4 of their RMS where that exceeds 1.
+def hidden_atol(reference: np.ndarray) -> float:
+    """atol for hidden states: 1e-4 of their RMS where that exceeds 1.
 
     Residual streams of random-weight models (init range 0.5) reach several hundred, where float32 itself only
-    resolves ~3e-5 and cancellation in the residual adds leaves ~1e-4 on small entries of a large vector; their logits
-    (RMS ~5) come out of such sums, and PyTorch's own fp32 logits differ from fp64 by ~2e-4 there. Real checkpoints
-    have hidden-state RMS near 1 and get the plain 1e-4.
+    resolves ~3e-5 and cancellation in the residual adds leaves ~1e-4 on small entries of a large vector. SmolLM2's
+    outlier channels put its RMS near 10 (atol 1e-3).
     """
     rms = float(np.sqrt(np.mean(np.square(reference, dtype=np.float64))))
     return FP32_ATOL * max(1.0, rms)

@@ -10,6 +10,7 @@ agreement with PyTorch fp32 and the worst logit drift, gated by the floors in ex
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -38,6 +39,34 @@ def _torch_forward(model: torch.nn.Module, ids: np.ndarray, layer: int) -> tuple
     with torch.no_grad():
         out = model(input_ids=torch.from_numpy(ids[None, :]), output_hidden_states=True)
     return out.hidden_states[layer][0].float().numpy(), out.logits[0].float().numpy()
+
+
+def _check_fp32_logits(name: str, logits: np.ndarray, reference: np.ndarray, model: torch.nn.Module,
+                       rows: list[np.ndarray]) -> dict:
+    """Logits within 1e-4 + 1e-4 * |PyTorch fp32| elementwise; where that fails, within the same of PyTorch in float64
+    plus what PyTorch's own fp32 logits miss float64 by there (some random checkpoints: residual streams in the
+    hundreds, which float32 resolves to ~1e-4 and PyTorch fp32 misses by ~2e-4). That second reference needs a float64
+    copy of the model, made only then; the first failure is the one reported."""
+    try:
+        parity.assert_close(name, logits, reference)
+        return {}
+    except parity.ParityError as first:
+        exact = np.concatenate([_float64_logits(model, row) for row in rows])
+        torch_error = float(np.abs(reference - exact).max())
+        atol = parity.FP32_ATOL + torch_error
+        if parity.diff(name, logits, exact, atol).worst_excess > 0:
+            raise first from None
+        log.info("%s: within %.1e of PyTorch in float64, where PyTorch fp32 itself is %.1e off", name, atol,
+                 torch_error)
+        return {"logits_reference": "float64", "logits_atol": atol, "torch_fp32_logits_error": torch_error}
+
+
+def _float64_logits(model: torch.nn.Module, ids: np.ndarray) -> np.ndarray:
+    exact = copy.deepcopy(model).to(torch.float64)
+    with torch.no_grad():
+        logits = exact(input_ids=torch.from_numpy(ids[None, :])).logits[0].numpy()
+    del exact
+    return logits
 
 
 class _Split:
@@ -104,10 +133,9 @@ def validate(model: torch.nn.Module, client: Bundle, server: Bundle, seed: int =
                                             manifest.model.source))
     elif manifest.tail.dtype == "float32":
         results["atol"], results["rtol"] = parity.FP32_ATOL, parity.FP32_RTOL
-        results["hidden_states_atol"] = parity.scaled_atol(ref_hidden)
+        results["hidden_states_atol"] = parity.hidden_atol(ref_hidden)
         parity.assert_close("head hidden_states", hidden, ref_hidden, results["hidden_states_atol"])
-        results["logits_atol"] = parity.scaled_atol(ref_logits)
-        parity.assert_close("tail logits", logits, ref_logits, results["logits_atol"])
+        results.update(_check_fp32_logits("tail logits", logits, ref_logits, model, rows))
     else:
         results.update(_check_fp16(logits, ref_logits, results["argmax_agreement"], "tail logits"))
     log.info("parity: hidden max diff %.2e, logits max diff %.2e, argmax agreement %.0f%%; held-out perplexity %.3g "
@@ -170,8 +198,8 @@ def validate_full(model: torch.nn.Module, full: Bundle, seed: int = 0) -> dict:
     if manifest.full.weights in parity.QUANTIZED_ORDER:
         return results
     if manifest.full.dtype == "float32":
-        results["atol"], results["rtol"] = parity.scaled_atol(ref), parity.FP32_RTOL
-        parity.assert_close("full logits", logits, ref, results["atol"])
+        results["atol"], results["rtol"] = parity.FP32_ATOL, parity.FP32_RTOL
+        results.update(_check_fp32_logits("full logits", logits, ref, model, [row[: CHUNKS[-1][1]]]))
     else:
         results.update(_check_fp16(logits, ref, results["argmax_agreement"], "full logits"))
     log.info("full graph parity ok: logits max diff %.2e", results["logits_max_abs_diff"])

@@ -15,7 +15,7 @@ from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Depends, Header, Request, Response
-from pydantic import BeforeValidator
+from pydantic import BeforeValidator, Field
 
 from services.engine import Engine, OpenRequest, StepRequest
 from services.metrics import Metrics
@@ -94,8 +94,12 @@ def _decimal(value: object) -> object:
     return value
 
 
-# An integer header, read strictly.
-Count = Annotated[int, BeforeValidator(_decimal)]
+def _count(low: int, high: int):  # noqa: ANN202 - an Annotated type
+    """An integer header in [low, high], read strictly (the bounds first, so the OpenAPI schema states them)."""
+    return Annotated[int, Field(ge=low, le=high), BeforeValidator(_decimal)]
+
+
+Length = _count(0, protocol.MAX_INT)
 
 
 @router.post(
@@ -115,15 +119,13 @@ async def step(
     session_id: str,
     request: Request,
     service: ServiceDep,
-    x_past_length: Annotated[Count, Header(ge=0, le=protocol.MAX_INT,
-                                         description="positions the client believes are cached")],
+    x_past_length: Annotated[Length, Header(description="positions the client believes are cached")],
     x_manifest_sha256: Annotated[str | None, Header()] = None,
-    x_sample: Annotated[Count, Header(ge=0, le=1)] = 1,
+    x_sample: Annotated[_count(0, 1), Header()] = 1,
     x_return: Annotated[protocol.ReturnKind, Header()] = "token",
-    x_keep_length: Annotated[Count | None, Header(ge=0, le=protocol.MAX_INT,
-                                                description="roll back to this many positions first")] = None,
-    x_sample_count: Annotated[Count, Header(ge=1, le=MAX_SAMPLE_COUNT,
-                                          description="sample each of the last n positions")] = 1,
+    x_keep_length: Annotated[Length | None, Header(description="roll back to this many positions first")] = None,
+    x_sample_count: Annotated[_count(1, MAX_SAMPLE_COUNT), Header(description="sample each of the last n positions")
+                              ] = 1,
 ):
     check_manifest(service, x_manifest_sha256)
     hidden = validate_hidden(decode_frame(await request.body()), service)

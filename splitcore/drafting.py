@@ -35,6 +35,8 @@ REJECTIONS_PER_TOKEN = 3
 # What a draft table file holds: integer arrays, read without pickle. For each pair of tokens: its most frequent
 # successor, how often the pair was seen with a successor and how often that successor followed.
 TABLE_ARRAYS = ("pair_first", "pair_second", "pair_next", "pair_seen", "next_seen")
+# The counts came later: a table without them (exported before) is read as if each pair was seen once.
+COUNT_ARRAYS = ("pair_seen", "next_seen")
 # A pair seen n times with its successor k times drafts that successor with chance k / (n + PRIOR_SEEN): counted
 # on sampled answers, a pair seen once is right for the model's greedy answers 23% of the time, not 100% (SmolLM2).
 PRIOR_SEEN = 2
@@ -45,14 +47,15 @@ CALIBRATION_MEMORY = 0.98
 class DraftTable:
     """The token that most often followed each pair of tokens in the model's own answers, and how often it did."""
 
-    def __init__(self, pairs: dict[tuple[int, int], tuple[int, float]]) -> None:
+    def __init__(self, pairs: dict[tuple[int, int], tuple[int, float]], counted: bool = True) -> None:
         self.pairs = pairs  # (first, second) -> (successor, the chance it is right)
+        self.counted = counted  # False: a table from before the counts, every pair taken as seen once
 
     @classmethod
     def load(cls, path: Path, vocab: int) -> DraftTable:
         try:
             with np.load(path, allow_pickle=False) as f:
-                arrays = {name: f[name] for name in TABLE_ARRAYS}
+                arrays = {name: f[name] for name in TABLE_ARRAYS if name in f.files or name not in COUNT_ARRAYS}
         except (OSError, KeyError, ValueError, TypeError, EOFError, zipfile.BadZipFile) as e:
             raise ManifestError(f"{path}: not a draft table ({type(e).__name__}: {e}); re-run the export") from None
         try:
@@ -63,6 +66,10 @@ class DraftTable:
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], vocab: int) -> DraftTable:
         """The table from its arrays (TABLE_ARRAYS, as export.draft_table.count_ngrams writes them), checked."""
+        counted = all(name in arrays for name in COUNT_ARRAYS)
+        if not counted:
+            ones = np.ones(np.shape(arrays["pair_next"]), dtype=np.int32)
+            arrays = {**arrays, "pair_seen": ones, "next_seen": ones}
         first, second, after, seen, followed = (np.asarray(arrays[name]) for name in TABLE_ARRAYS)
         if not first.shape == second.shape == after.shape == seen.shape == followed.shape or any(
                 a.ndim != 1 or a.dtype.kind not in "iu" for a in (first, second, after, seen, followed)):
@@ -73,7 +80,7 @@ class DraftTable:
         if first.size and not (1 <= int(followed.min()) and bool(np.all(followed <= seen))):
             raise ValueError("draft table counts must be >= 1 and a successor's count at most its pair's")
         chances = followed.astype(np.float64) / (seen.astype(np.float64) + PRIOR_SEEN)
-        return cls(dict(zip(zip(first.tolist(), second.tolist()), zip(after.tolist(), chances.tolist()))))
+        return cls(dict(zip(zip(first.tolist(), second.tolist()), zip(after.tolist(), chances.tolist()))), counted)
 
     def chain(self, history: Sequence[int], limit: int) -> tuple[list[int], list[float]]:
         """Up to ``limit`` tokens after ``history``, each the successor of the two before it, and for each the
@@ -100,26 +107,36 @@ class StepCosts:
     (head, link and tail together: whatever the deployment is). One per client process and tail, shared by its
     conversations (the gateway's from several threads)."""
 
-    WINDOW = 24  # recent steps kept per kind; medians, so one slow step (a GC pause, a busy tail) moves nothing
-    PRIOR_SHARE = 0.1  # assumed until both kinds of step were timed
+    WINDOW = 48  # recent steps of both kinds, in order; medians, so one slow step (a GC pause, a retry) moves nothing
+    PRIOR_SHARE = 0.1  # assumed until both kinds of step are among the recent ones
 
     def __init__(self) -> None:
-        self.single: deque[float] = deque(maxlen=self.WINDOW)  # seconds of one-position steps
-        self.extra: deque[float] = deque(maxlen=self.WINDOW)  # seconds per drafted position, beyond a single step
+        # (positions, seconds) of the recent decode steps. One window for both kinds, so both medians come from the
+        # same stretch of time: when the link or the tail gets slower or faster, neither lags the other.
+        self.steps: deque[tuple[int, float]] = deque(maxlen=self.WINDOW)
         self.lock = threading.Lock()
 
     def observe(self, positions: int, seconds: float) -> None:
+        if positions >= 1:
+            with self.lock:
+                self.steps.append((positions, seconds))
+
+    def measured_share(self) -> float | None:
+        """An extra position's time over a one-position step's, from medians of the recent steps; None until both
+        kinds of step are among them."""
         with self.lock:
-            if positions == 1:
-                self.single.append(seconds)
-            elif positions > 1 and self.single:
-                self.extra.append((seconds - statistics.median(self.single)) / (positions - 1))
+            steps = list(self.steps)
+        singles = [seconds for positions, seconds in steps if positions == 1]
+        drafted = [(positions, seconds) for positions, seconds in steps if positions > 1]
+        if not singles or not drafted:
+            return None
+        single = statistics.median(singles)
+        extra = statistics.median((seconds - single) / (positions - 1) for positions, seconds in drafted)
+        return max(extra, 0.0) / max(single, 1e-6)
 
     def position_share(self) -> float:
-        with self.lock:
-            if not self.single or not self.extra:
-                return self.PRIOR_SHARE
-            return max(statistics.median(self.extra), 0.0) / max(statistics.median(self.single), 1e-6)
+        share = self.measured_share()
+        return self.PRIOR_SHARE if share is None else share
 
     def best_length(self, chances: Sequence[float]) -> int:
         """How many drafts of a chain to send, ``chances[i]`` being the chance that the first i + 1 are all kept:

@@ -93,7 +93,8 @@ def test_measurement_loop_and_report_on_loopback(tiny_service, monkeypatch, tmp_
     for run in result["runs"]:
         assert run["tokens"] == 3 and run["steps"] >= 2 and run["decode_sent"] > 0
         assert run["local_prefill_s"] > 0
-        assert (run["position_share"] is None) == (run["mode"] == "off")  # the client's own cost estimate, when on
+        if run["mode"] == "off":  # no drafts, no cost estimate (on: the client's own, once it timed both kinds)
+            assert run["position_share"] is None
         if run["rtt_ms"] == 30:  # at least the prefill's round trip is in the time to first token
             assert run["ttft_s"] >= 0.030, run
     assert {"b_full_graph_s", "c_split_local_s", "split_http_s"} <= set(result["ttft32"])

@@ -5,6 +5,7 @@ No export needed: the link only reads the manifest's hash, vocabulary and hidden
 
 from __future__ import annotations
 
+import json
 import time
 from types import SimpleNamespace
 
@@ -269,3 +270,17 @@ def test_a_rollback_cuts_the_replay_frames_from_the_end_keeping_their_bytes():
     assert frames == first_two[:1]
     cut_frames(frames, 5, 5)
     assert frames == first_two[:1]
+
+
+def test_sampling_the_client_takes_is_sent_as_the_service_reads_it(tail):
+    """The service reads the open body strictly (50.0 is not a top_k); SamplingParams takes it, so the client sends
+    the integer."""
+    bodies = []
+
+    def opened(request):
+        bodies.append(json.loads(request.body))
+        return None
+
+    tail.opened = opened
+    RemoteTail.open(bundle(), ClientSettings(server_url=tail.url), SamplingParams(top_k=50.0)).close()
+    assert bodies[0]["sampling"]["top_k"] == 50 and isinstance(bodies[0]["sampling"]["top_k"], int)

@@ -114,7 +114,7 @@ def run_turn(split, ids: Sequence[int], new_tokens: int, stops: Sequence[int]) -
         "replays": after[3] - before[3],
         "drafted": getattr(generator, "drafted", 0), "accepted": getattr(generator, "accepted", 0),
         # What the client had measured a drafted position to cost, as a share of a one-position step.
-        "position_share": generator.drafter.costs.position_share() if generator.drafter is not None else None,
+        "position_share": generator.drafter.costs.measured_share() if generator.drafter is not None else None,
     }
 
 
