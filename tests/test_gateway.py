@@ -6,6 +6,7 @@ the tokenizer and head and forwards hidden states to it, as `python -m client se
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -359,3 +360,50 @@ def test_chat_templates_render_as_transformers_renders_them(out: Path, tmp_path:
     assert rendered == _compile_jinja_template(template).render(messages=messages, add_generation_prompt=True)
     assert rendered == '[a<b é][ok & done]"a<b é"{"b": 1, "a": 2}'
     assert isinstance(tokenizer.template.environment, ImmutableSandboxedEnvironment)
+
+
+@pytest.mark.parametrize(("route", "fields", "param", "fragment"), [
+    ("chat/completions", {"messages": user("hi"), "seed": 2**63}, "seed", "less than or equal"),
+    ("completions", {"prompt": ""}, "prompt", "encodes to no tokens"),
+    ("completions", {"prompt": [""]}, "prompt", "encodes to no tokens"),
+    ("completions", {"prompt": "x" * 5000}, "prompt", "maximum context length"),  # not "messages"
+])
+def test_a_bad_value_is_a_400_naming_its_field(gateway_url: str, route: str, fields: dict, param: str,
+                                               fragment: str) -> None:
+    answer = httpx.post(f"{gateway_url}/v1/{route}", json={"model": MODEL, "max_tokens": 2, **fields}, timeout=30)
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == param and fragment in error["message"], error
+
+
+def test_a_body_over_the_limit_is_413_before_it_is_read(gateway_url: str) -> None:
+    limit = GatewaySettings().max_body_bytes
+    body = json.dumps({"model": MODEL, "prompt": "x" * limit}).encode()
+    announced = httpx.post(f"{gateway_url}/v1/completions", content=body,
+                           headers={"Content-Type": "application/json"}, timeout=30)
+    chunked = httpx.post(f"{gateway_url}/v1/completions", content=iter([body[:1000], body[1000:]]),
+                         headers={"Content-Type": "application/json"}, timeout=30)
+    for answer in (announced, chunked):
+        assert answer.status_code == 413, answer.text
+        assert answer.json()["error"]["code"] == "request_too_large"
+    assert httpx.get(f"{gateway_url}/v1/models").status_code == 200
+
+
+def test_prompts_are_encoded_off_the_event_loop(out: Path, tail_url: str) -> None:
+    """Encoding takes time in proportion to the prompt: on the event loop, one long prompt held up every request."""
+    where: list[str] = []
+
+    class Watched(Engine):
+        def job(self, *args, **kwargs):
+            try:
+                asyncio.get_running_loop()
+                where.append("event loop")
+            except RuntimeError:
+                where.append("worker thread")
+            return super().job(*args, **kwargs)
+
+    with serve_app(gateway_app(out, tail_url, engine=Watched), "/v1/models") as url:
+        answer = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2},
+                            timeout=30)
+    assert answer.status_code == 200, answer.text
+    assert where == ["worker thread"]

@@ -196,7 +196,7 @@ class SlowEngine:
     def sampling(self, temperature, top_p, seed) -> SamplingParams:
         return SamplingParams()
 
-    def job(self, text: str, max_tokens: int | None, params: SamplingParams, stops=()) -> Job:
+    def job(self, text: str, max_tokens: int | None, params: SamplingParams, stops=(), param: str = "messages") -> Job:
         return Job((1,), max_tokens or 1000, params, stops)
 
     def run(self, job: Job, cancelled: threading.Event):

@@ -12,10 +12,12 @@ from typing import Annotated
 
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from client.gateway.engine import Engine, Finished, Job
 from client.gateway.errors import APIError, from_exception, install_error_handlers, invalid
 from client.gateway.formats import DONE, Reply, sse
+from client.gateway.limits import BodyLimit
 from client.gateway.runs import Run, collect
 from client.gateway.schemas import ChatRequest, CompletionRequest, OpenAIRequest
 from client.gateway.settings import GatewaySettings
@@ -57,6 +59,7 @@ def create_app(settings: GatewaySettings, load_engine: Callable[[], Engine]) -> 
     app = FastAPI(title="split-inference OpenAI-compatible gateway", version="1", lifespan=lifespan,
                   dependencies=[Depends(require_key)])
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 
     @app.get("/v1/models")
     def models(engine: EngineDep) -> dict:
@@ -67,16 +70,19 @@ def create_app(settings: GatewaySettings, load_engine: Callable[[], Engine]) -> 
         check_model(model_id, engine)
         return model_card(engine)
 
+    # Rendering and encoding a prompt take time in proportion to its length: on a worker thread, so one long prompt
+    # does not hold up every other request on the event loop.
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request, engine: EngineDep):
         check_request(body, engine)
         messages = [m.for_template() for m in body.messages]
         try:
-            text = engine.tokenizer.render(messages, add_generation_prompt=True)
+            text = await run_in_threadpool(engine.tokenizer.render, messages, add_generation_prompt=True)
         except Exception as e:  # the template's own raise_exception, or a template that cannot render these
             raise invalid(f"the model's chat template rejected these messages: {e}", param="messages") from None
-        job = engine.job(text, body.limit, engine.sampling(body.temperature, body.top_p, body.seed),
-                         body.stops(settings.max_stop))
+        job = await run_in_threadpool(engine.job, text, body.limit,
+                                      engine.sampling(body.temperature, body.top_p, body.seed),
+                                      body.stops(settings.max_stop), "messages")
         return await answer(request, engine, job, body, Reply(engine.model_id, chat=True))
 
     @app.post("/v1/completions")
@@ -85,8 +91,9 @@ def create_app(settings: GatewaySettings, load_engine: Callable[[], Engine]) -> 
         spec = engine.tokenizer.spec
         # A raw prompt starts with BOS where the model wants one, as `python -m client --raw` encodes it.
         bos = spec.bos_token if spec.add_bos_token and spec.bos_token else ""
-        job = engine.job(bos + body.text(), body.limit, engine.sampling(body.temperature, body.top_p, body.seed),
-                         body.stops(settings.max_stop))
+        job = await run_in_threadpool(engine.job, bos + body.text(), body.limit,
+                                      engine.sampling(body.temperature, body.top_p, body.seed),
+                                      body.stops(settings.max_stop), "prompt")
         return await answer(request, engine, job, body, Reply(engine.model_id, chat=False))
 
     return app

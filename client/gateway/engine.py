@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from client.gateway.defaults import model_defaults, sampling_defaults
-from client.gateway.errors import ContextLengthExceeded
+from client.gateway.errors import ContextLengthExceeded, invalid
 from client.gateway.pool import ConversationPool
 from client.gateway.sequence import CachedSequence
 from client.gateway.stops import StopMatcher
@@ -81,9 +81,13 @@ class Engine:
         given = {"temperature": temperature, "top_p": top_p}
         return SamplingParams(**{**self.defaults, **{k: v for k, v in given.items() if v is not None}}, seed=seed)
 
-    def job(self, text: str, max_tokens: int | None, params: SamplingParams, stops: tuple[str, ...] = ()) -> Job:
-        """Encode the prompt and check that it and the tokens asked for fit in the model's positions."""
+    def job(self, text: str, max_tokens: int | None, params: SamplingParams, stops: tuple[str, ...] = (),
+            param: str = "messages") -> Job:
+        """Encode the prompt and check that it and the tokens asked for fit in the model's positions (``param``: the
+        request field the prompt came from, for the error)."""
         ids = tuple(self.tokenizer.encode(text, add_special_tokens=False))
+        if not ids:
+            raise invalid("the prompt is empty: it encodes to no tokens; send some text", param=param)
         room = self.context - len(ids)
         if max_tokens is None and room >= 1:
             max_tokens = min(self.split.settings.max_new_tokens, room)
@@ -91,7 +95,7 @@ class Engine:
             asked = f" and max_tokens asks for {max_tokens} more" if max_tokens else ""
             raise ContextLengthExceeded(
                 f"this model's maximum context length is {self.context} tokens; the prompt has {len(ids)}{asked}; "
-                "shorten the prompt or lower max_tokens"
+                "shorten the prompt or lower max_tokens", param
             )
         return Job(ids, max_tokens, params, stops)
 

@@ -30,6 +30,10 @@ class APIError(Exception):
 class ContextLengthExceeded(SplitError):
     """The prompt plus the tokens asked for do not fit in the model's positions."""
 
+    def __init__(self, message: str, param: str = "messages") -> None:
+        super().__init__(message)
+        self.param = param  # the request field that holds the prompt: messages (chat) or prompt
+
 
 def invalid(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
@@ -40,7 +44,7 @@ def from_exception(exc: BaseException) -> APIError:
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, ContextLengthExceeded):
-        return APIError(400, str(exc), param="messages", code="context_length_exceeded")
+        return APIError(400, str(exc), param=exc.param, code="context_length_exceeded")
     if isinstance(exc, TailUnreachable):
         return APIError(502, f"the tail service is unreachable: {exc}", type="server_error", code="tail_unreachable")
     if isinstance(exc, ServiceError):

@@ -59,7 +59,7 @@ class OpenAIRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2, description="omitted: 1, as in the OpenAI API")
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)  # the sampler's generator takes 63 bits
     stop: Text | list[Text] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

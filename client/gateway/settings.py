@@ -30,6 +30,8 @@ class GatewaySettings(BaseSettings):
     pool_size: int = Field(8, ge=0, description="idle conversations kept for prefix reuse (each holds a tail session)")
     max_concurrent: int = Field(4, ge=1, description="requests generating at once; more wait their turn")
     max_stop: int = Field(4, ge=0, description="most stop sequences per request (OpenAI allows 4)")
+    max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="largest request body; a larger one is 413 "
+                                "before it is read (2 MiB holds a 128k-token prompt of plain text)")
 
     @model_validator(mode="after")
     def _exposed_needs_key(self) -> GatewaySettings:
