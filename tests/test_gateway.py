@@ -367,10 +367,19 @@ def test_chat_templates_render_as_transformers_renders_them(out: Path, tmp_path:
     ("completions", {"prompt": ""}, "prompt", "encodes to no tokens"),
     ("completions", {"prompt": [""]}, "prompt", "encodes to no tokens"),
     ("completions", {"prompt": "x" * 5000}, "prompt", "maximum context length"),  # not "messages"
+    # Strict, as OpenAI: true is not 1, 3.0 is not 3 and "yes" is not true.
+    ("completions", {"prompt": "hi", "temperature": True}, "temperature", "valid number"),
+    ("completions", {"prompt": "hi", "max_tokens": 3.0}, "max_tokens", "valid integer"),
+    ("chat/completions", {"messages": user("hi"), "stream": "yes"}, "stream", "valid boolean"),
 ])
 def test_a_bad_value_is_a_400_naming_its_field(gateway_url: str, route: str, fields: dict, param: str,
                                                fragment: str) -> None:
     answer = httpx.post(f"{gateway_url}/v1/{route}", json={"model": MODEL, "max_tokens": 2, **fields}, timeout=30)
+    good = {k: v for k, v in fields.items() if k in ("messages", "prompt")}
+    if param not in good:  # the same request with that field as the API types it is served
+        ok = httpx.post(f"{gateway_url}/v1/{route}", json={"model": MODEL, "max_tokens": 2, "temperature": 0,
+                                                          **good}, timeout=30)
+        assert ok.status_code == 200, ok.text
     assert answer.status_code == 400, answer.text
     error = answer.json()["error"]
     assert error["param"] == param and fragment in error["message"], error

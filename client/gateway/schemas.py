@@ -48,12 +48,18 @@ def unicode_text(value: str) -> str:
 Text = Annotated[str, AfterValidator(unicode_text)]
 
 
+# Strict, as OpenAI's own API: true is not a temperature of 1, 3.0 is not a max_tokens and "yes" does not stream.
+STRICT = ConfigDict(extra="allow", strict=True)
+
+
 class StreamOptions(BaseModel):
+    model_config = STRICT
+
     include_usage: bool = False
 
 
 class OpenAIRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = STRICT
 
     model: Text
     max_tokens: int | None = Field(None, ge=1)
@@ -85,14 +91,14 @@ class OpenAIRequest(BaseModel):
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = STRICT
 
     type: str
     text: Text | None = None
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = STRICT
 
     role: Literal["system", "developer", "user", "assistant"]
     content: Text | list[ContentPart] | None = None
