@@ -2,6 +2,8 @@
 
 Prompts are JSON text; an 8 MiB one took 7 s and 1.8 GB to encode before its context check could refuse it. The
 body is read here in full (a request is small by then) and handed on, so the app's own reads never see more.
+(FastAPI 0.165's own ``max_body_size`` answers a body that outgrows it while being read in plain text, not in
+OpenAI's error shape, and the gateway supports FastAPI from 0.110.)
 """
 
 from __future__ import annotations
