@@ -98,9 +98,8 @@ def rotary_tables(model: torch.nn.Module, positions: int) -> tuple[np.ndarray, n
         if kind == "dynamic":
             # The module's own frequencies before any growth, as its forward uses them for sequences within the
             # model's positions (called on the whole table, which has one row more, it would grow them).
-            freqs = position_ids[0, :, None].float() * rotary.original_inv_freq.float()[None, :]
-            cos, sin = (freqs.cos() * rotary.attention_scaling)[None], (freqs.sin() * rotary.attention_scaling)[None]
-            return cos[0].numpy(), sin[0].numpy()
+            freqs = position_ids[0, :, None].float() * rotary.original_inv_freq.float()
+            return (freqs.cos() * rotary.attention_scaling).numpy(), (freqs.sin() * rotary.attention_scaling).numpy()
         cos, sin = rotary(torch.zeros(1, dtype=torch.float32), position_ids)
     half = cos.shape[-1] // 2
     return cos[0, :, :half].float().numpy(), sin[0, :, :half].float().numpy()

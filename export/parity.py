@@ -119,4 +119,5 @@ def check_quality(quality: dict, scheme: str, source: str) -> dict:
 def _finer(scheme: str) -> str:
     """The advice after ``scheme`` failed its floors: the schemes that round less."""
     finer = [*reversed(QUANTIZED_ORDER[: QUANTIZED_ORDER.index(scheme)]), "fp32"]
-    return "export with --weights " + (" or ".join(finer) if len(finer) < 3 else f"{', '.join(finer[:-1])} or fp32")
+    listed = ", ".join(finer[:-1]) + " or " if len(finer) > 1 else ""
+    return f"export with --weights {listed}fp32"

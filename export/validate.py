@@ -51,7 +51,7 @@ def _check_fp32_logits(name: str, logits: np.ndarray, reference: np.ndarray, mod
         parity.assert_close(name, logits, reference)
         return {}
     except parity.ParityError as first:
-        exact = np.concatenate([_float64_logits(model, row) for row in rows])
+        exact = np.concatenate(_float64_logits(model, rows))
         torch_error = float(np.abs(reference - exact).max())
         atol = parity.FP32_ATOL + torch_error
         if parity.diff(name, logits, exact, atol).worst_excess > 0:
@@ -61,12 +61,11 @@ def _check_fp32_logits(name: str, logits: np.ndarray, reference: np.ndarray, mod
         return {"logits_reference": "float64", "logits_atol": atol, "torch_fp32_logits_error": torch_error}
 
 
-def _float64_logits(model: torch.nn.Module, ids: np.ndarray) -> np.ndarray:
+def _float64_logits(model: torch.nn.Module, rows: list[np.ndarray]) -> list[np.ndarray]:
+    """Each row's logits from one float64 copy of the model (freed on return)."""
     exact = copy.deepcopy(model).to(torch.float64)
     with torch.no_grad():
-        logits = exact(input_ids=torch.from_numpy(ids[None, :])).logits[0].numpy()
-    del exact
-    return logits
+        return [exact(input_ids=torch.from_numpy(ids[None, :])).logits[0].numpy() for ids in rows]
 
 
 class _Split:

@@ -182,6 +182,8 @@ class PromptLookup:
         if drafts or self.table is None:
             return drafts
         tokens, chances = self.table.chain(history, min(limit, self.max_draft))
+        if not tokens:  # most steps of open chat: nothing to weigh, so no cost to look up
+            return []
         calibration = (self.table_kept + 1.0) / (self.table_expected + 1.0)
         count = self.costs.best_length([min(c * calibration, 1.0) for c in chances])
         self.from_table = count > 0

@@ -165,3 +165,14 @@ def test_fp16_tail_drift_is_bounded(export_bundle):
         runs.append([c.token for c in generator.generate(prompt, 32, stop_ids=())])
     agreement = np.mean(np.array(runs[0]) == np.array(runs[1]))
     assert agreement >= 0.9, f"fp16 greedy run agrees with fp32 on {agreement:.0%} of 32 tokens: {runs}"
+
+
+@pytest.mark.parametrize(("scheme", "advice"), [
+    ("int8", "export with --weights fp32"),
+    ("int4-mlp", "export with --weights int8 or fp32"),
+    ("int4", "export with --weights int4-mlp, int8 or fp32"),
+])
+def test_a_failed_quality_floor_suggests_only_finer_schemes(scheme, advice):
+    quality = {"perplexity": 2.0, "reference_perplexity": 1.0, "greedy_agreement": 1.0}
+    with pytest.raises(parity.ParityError, match=f"; {advice}$"):
+        parity.check_quality(quality, scheme, "smollm2")
