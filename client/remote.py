@@ -47,6 +47,7 @@ RETRYABLE_STATUS = {429, 502, 503, 504}
 FIRST_BACKOFF_S = 0.25
 MAX_BACKOFF_S = 4.0
 SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+SERVER_TIMING = re.compile(r"\s*tail;dur=([0-9]{1,9}(?:\.[0-9]{1,6})?)\s*")  # what services/api.py writes
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
 
@@ -89,6 +90,7 @@ class RemoteTail:
         # model's context and takes what the service's KV slots hold.
         self.min_length: int | None = None
         self.replays = 0
+        self.compute_seconds: float | None = None  # the tail's run time for the latest step, as it reported it
         # Called once, after this link's first answered step or when it closes (a spare waiting to open, say).
         self.after_first_step: list[Callable[[], None]] = []
 
@@ -135,14 +137,15 @@ class RemoteTail:
         self.session_id, self.max_length = opened.session_id, opened.max_length
         log.debug("opened session %s (%d positions)", self.session_id, self.max_length)
 
-    def step(self, hidden_states: np.ndarray, past_length: int, sample: bool = True) -> Choice | None:
-        choices = self._run(hidden_states, past_length, 1 if sample else 0)
+    def step(self, hidden_states: np.ndarray, past_length: int, sample: bool = True, guess: bool = False
+             ) -> Choice | None:
+        choices = self._run(hidden_states, past_length, 1 if sample else 0, guess)
         return choices[0] if choices else None
 
-    def verify(self, hidden_states: np.ndarray, past_length: int, count: int) -> list[Choice]:
+    def verify(self, hidden_states: np.ndarray, past_length: int, count: int, guess: bool = False) -> list[Choice]:
         if not 1 <= count <= hidden_states.shape[1]:
             raise ValueError(f"cannot sample {count} of {hidden_states.shape[1]} positions")
-        return self._run(hidden_states, past_length, count)
+        return self._run(hidden_states, past_length, count, guess)
 
     def rollback(self, length: int) -> None:
         """Keep the first ``length`` positions: the frames kept for a replay are cut here at once, the service's
@@ -158,7 +161,7 @@ class RemoteTail:
         if self.chooser is not None:
             self.chooser.forget_from(length)
 
-    def _run(self, hidden_states: np.ndarray, past_length: int, count: int) -> list[Choice]:
+    def _run(self, hidden_states: np.ndarray, past_length: int, count: int, guess: bool = False) -> list[Choice]:
         if self.opening is not None:
             opening, self.opening = self.opening, None
             opening.wait()
@@ -166,8 +169,9 @@ class RemoteTail:
             raise ValueError(f"this conversation holds {self.length} positions, the step continues {past_length}")
         frame = wire.encode(hidden_states.astype(WIRE_DTYPE, copy=False))
         seq = hidden_states.shape[1]
-        reply = self.with_retries(lambda: self.send(frame, past_length, count))
+        reply = self.with_retries(lambda: self.send(frame, past_length, count, guess))
         choices = self.read_step(reply, past_length + seq, count)
+        self.compute_seconds = tail_seconds(reply)
         self.keep = None
         self.sent.append(frame)
         self.length += seq
@@ -210,16 +214,34 @@ class RemoteTail:
                 raise ServiceError(f"the tail service sent token id {printable(str(token), 40)}; this model's "
                                    f"vocabulary is 0..{vocab - 1}")
         top = [tuple(t) for t in result.top_logprobs]
-        return [Choice(token, logprob or 0.0, top if i == count - 1 else [])
-                for i, (token, logprob) in enumerate(zip(tokens, logprobs))]
+        guesses = self.read_guesses(result, tokens)
+        return [Choice(token, logprob or 0.0, top if i == count - 1 else [], guess)
+                for i, (token, logprob, guess) in enumerate(zip(tokens, logprobs, guesses))]
 
-    def send(self, frame: bytes, past_length: int, count: int) -> Reply:
+    def read_guesses(self, result: protocol.StepResult, tokens: list[int]) -> list[tuple[int, float] | None]:
+        """The look-ahead's guess after each token, checked like the tokens (a guess only ever costs a drafted
+        position: the tail verifies it like any draft)."""
+        if not result.guesses:
+            return [None] * len(tokens)
+        vocab = self.bundle.manifest.model.vocab_size
+        if len(result.guesses) != len(tokens):
+            raise ServiceError(f"the tail service sent {len(result.guesses)} guesses for {len(tokens)} tokens")
+        for token, chance in result.guesses:
+            if not (0 <= token < vocab and 0.0 <= chance <= 1.0):
+                raise ServiceError(f"the tail service sent the guess ({printable(str(token), 40)}, "
+                                   f"{printable(str(chance), 40)}); expected a token id below {vocab} and a chance "
+                                   "in [0, 1]")
+        return [(int(token), float(chance)) for token, chance in result.guesses]
+
+    def send(self, frame: bytes, past_length: int, count: int, guess: bool = False) -> Reply:
         if self.session_id is None:
             self.replay()
         headers = {"Content-Type": wire.MEDIA_TYPE, protocol.PAST_LENGTH_HEADER: str(past_length),
                    protocol.SAMPLE_HEADER: "1" if count else "0"}
         if count > 1:
             headers[protocol.SAMPLE_COUNT_HEADER] = str(count)
+        if guess and count:
+            headers[protocol.GUESS_HEADER] = "1"
         if self.keep is not None:
             headers[protocol.KEEP_LENGTH_HEADER] = str(self.keep)
         return self.request("POST", protocol.steps_path(self.session_id), frame, headers)
@@ -325,6 +347,13 @@ class RemoteTail:
 
     def traffic_report(self) -> str:
         return traffic_report(self.traffic.snapshot())
+
+
+def tail_seconds(reply: Reply) -> float | None:
+    """The tail's run time for a step, from its ``Server-Timing: tail;dur=<ms>`` header; None where it is absent or
+    not in that form (it only sizes drafts: a wrong figure costs speed, never a token)."""
+    match = SERVER_TIMING.fullmatch(reply.headers.get(protocol.SERVER_TIMING_HEADER.lower(), ""))
+    return float(match.group(1)) / 1000 if match else None
 
 
 def traffic_report(counts: tuple[int, int, int, int]) -> str:

@@ -129,7 +129,9 @@ class Split:
             settings = self.settings.model_copy(update={"max_length": max_length})
             link = RemoteTail.open(self.bundle, settings, params, self.lm_head, self.http, self.traffic,
                                    background=True, min_length=required or 1)
-        drafter = (PromptLookup(self.settings.max_draft, table=self.draft_table, costs=self.step_costs)
+        lookahead = self.bundle.manifest.lookahead
+        drafter = (PromptLookup(self.settings.max_draft, table=self.draft_table, costs=self.step_costs,
+                                best_guess=max(lookahead.chances) if lookahead is not None else None)
                    if self.settings.speculate else None)
         return SplitGenerator(self.head, link, self.settings.prefill_chunk, self.noise, drafter, max_length)
 

@@ -22,8 +22,9 @@ import numpy as np
 
 from export import bundle as bundles
 from export.cleanup import removed_on_failure
-from export.draft_table import DEFAULT_TOKENS, TABLE_FILE, write_draft_table
+from export.draft_table import DEFAULT_TOKENS, TABLE_FILE, greedy_answers, sample_answers, write_draft_table
 from export.graph_builder import GRAPH_REVISION, GraphBuilder, graph_spec, save
+from export.lookahead import LOOKAHEAD_FILE, write_lookahead
 from export.matmul_weights import FLOAT_SCHEMES, QUANTIZED_SCHEMES, MatMulWeights
 from export.sources import accepted_models, load_model
 from export.validate import validate, validate_full
@@ -106,6 +107,10 @@ def up_to_date(out: Path, wanted: dict) -> bool:
         # A table written by an older exporter (no counts; the client still reads it) is written again.
         if client.manifest.drafts is not None and not DraftTable.load(
                 client.path(client.manifest.drafts.file), client.manifest.model.vocab_size).counted:
+            return False
+        # So is a bundle from before the tail's look-ahead, which was fitted on the same samples.
+        if (client.manifest.drafts is not None and client.manifest.output_mode == "logits"
+                and client.manifest.lookahead is None):
             return False
     except SplitError:
         return False
@@ -190,13 +195,22 @@ def run(args: argparse.Namespace) -> None:
     if loaded.tokenizer is not None:
         eos = getattr(model.generation_config, "eos_token_id", None)
         tokenizer = bundles.write_tokenizer(loaded.tokenizer, eos, args.out / bundles.CLIENT)
-    drafts = None
-    (args.out / bundles.CLIENT / TABLE_FILE).unlink(missing_ok=True)  # a table of an earlier export
+    drafts = lookahead = None
+    (args.out / bundles.CLIENT / TABLE_FILE).unlink(missing_ok=True)  # what an earlier export drafted with
+    (args.out / bundles.SERVER / LOOKAHEAD_FILE).unlink(missing_ok=True)
     if args.draft_tokens:
-        step("sampling %d tokens of the model's own answers for the client's draft table", args.draft_tokens)
-        drafts = write_draft_table(model, loaded.tokenizer, tokenizer.eos_token_ids, args.draft_tokens, args.seed,
-                                   args.out / bundles.CLIENT, progress=_progress("draft table"))
+        step("sampling %d tokens of the model's own answers for the client's draft table%s", args.draft_tokens,
+             "" if args.private_output else " and the tail's look-ahead")
+        answers = sample_answers(model, loaded.tokenizer, tokenizer.eos_token_ids, args.draft_tokens, args.seed,
+                                 progress=_progress("draft table"))
+        drafts = write_draft_table(answers, args.seed, args.out / bundles.CLIENT)
         log.info("  %d token pairs from %d sampled tokens", drafts.pairs, drafts.sampled_tokens)
+        if not args.private_output:  # the look-ahead reads logits, which a private-output tail never has
+            longest = max((len(answer.tokens) for answer in answers), default=0)
+            calibration = greedy_answers(model, loaded.tokenizer, tokenizer.eos_token_ids, max(longest, 8),
+                                         progress=_progress("look-ahead"))
+            lookahead = write_lookahead(model, answers, calibration, args.out / bundles.SERVER,
+                                        progress=_progress("look-ahead"))
     fields = dict(
         model=bundles.model_spec(model, loaded.model_id, loaded.source, loaded.revision),
         split_layer=args.split_layer,
@@ -207,7 +221,8 @@ def run(args: argparse.Namespace) -> None:
         generation=bundles.generation_defaults(model),
         tokenizer=tokenizer,
         drafts=drafts,
-        files=bundles.file_entries(args.out, head, tail, tokenizer, full, lm_head, drafts),
+        lookahead=lookahead,
+        files=bundles.file_entries(args.out, head, tail, tokenizer, full, lm_head, drafts, lookahead),
         tools=bundles.tool_versions(),
         export={"args": wanted, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
     )

@@ -16,6 +16,7 @@ from splitcore.manifest import (
     SCHEMA_VERSION,
     DraftTableSpec,
     GraphSpec,
+    LookaheadSpec,
     Manifest,
     ModelSpec,
     TokenizerSpec,
@@ -99,13 +100,15 @@ def write_tokenizer(tokenizer: PreTrainedTokenizerBase, generation_eos, client_d
 
 def file_entries(
     out: Path, head: GraphSpec, tail: GraphSpec, tokenizer: TokenizerSpec | None, full: GraphSpec | None = None,
-    lm_head: GraphSpec | None = None, drafts: DraftTableSpec | None = None,
+    lm_head: GraphSpec | None = None, drafts: DraftTableSpec | None = None, lookahead: LookaheadSpec | None = None,
 ) -> dict:
     roles = {CLIENT: [head.file, head.data_file], SERVER: [tail.file, tail.data_file]}
     if lm_head is not None:
         roles[CLIENT] += [lm_head.file, lm_head.data_file]
     if drafts is not None:
         roles[CLIENT].append(drafts.file)
+    if lookahead is not None:
+        roles[SERVER].append(lookahead.file)
     if tokenizer is not None:
         roles[CLIENT] += [tokenizer.file, tokenizer.chat_template_file]
     if full is not None:

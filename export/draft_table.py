@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,18 @@ REQUESTS = (
     "Describe a place.",
     "Teach me something.",
 )
+# Other generic requests, answered greedily: how often the tail's look-ahead guesses right, measured on answers as a
+# chat client usually asks for them (export/lookahead.py).
+CALIBRATION_REQUESTS = (
+    "What is a good way to learn a new language?",
+    "Describe how a bicycle works.",
+    "Why do leaves change color in autumn?",
+    "Give me ideas for a rainy afternoon.",
+    "How does a refrigerator keep food cold?",
+    "What makes a good friend?",
+    "Explain what a computer program is.",
+    "Suggest a simple dinner recipe.",
+)
 ROWS = 16  # answers sampled at once per request
 # How the answers are sampled: near the model's likely continuations, still varied. Chosen on chat prompts that are
 # not the benchmark's (a replay of 7 chat answers at 30 ms RTT, 16,384 tokens): temperature 1 with no truncation
@@ -48,24 +61,29 @@ TEMPERATURE = 0.7
 TOP_K = 50
 
 
-def write_draft_table(model, tokenizer, stop_ids: Sequence[int], tokens: int, seed: int, client_dir: Path,
-                      progress: Callable[[str], None] = lambda message: None) -> DraftTableSpec:
-    """Sample up to ``tokens`` tokens of the model's own answers (each ends at the first of ``stop_ids``: the ids the
-    client stops on), count them, and write the table to ``client_dir``/drafts.npz."""
-    answers = sample_answers(model, tokenizer, stop_ids, tokens, seed, progress)
-    arrays = count_ngrams(answers)
+def write_draft_table(answers: Sequence[Answer], seed: int, client_dir: Path) -> DraftTableSpec:
+    """Count ``answers`` (sample_answers) and write the table to ``client_dir``/drafts.npz."""
+    contexts = [answer.prompt[-2:] + answer.tokens for answer in answers]
+    arrays = count_ngrams(contexts)
     np.savez(client_dir / TABLE_FILE, **arrays)
-    sampled = sum(len(a) - 2 for a in answers)
+    sampled = sum(len(answer.tokens) for answer in answers)
     return DraftTableSpec(file=TABLE_FILE, sampled_tokens=sampled, seed=seed, pairs=len(arrays["pair_next"]))
 
 
+@dataclass
+class Answer:
+    prompt: list[int]  # the request, in the chat template
+    tokens: list[int]  # the sampled answer, up to its first stop id (not included)
+
+
 def sample_answers(model, tokenizer, stop_ids: Sequence[int], tokens: int, seed: int,
-                   progress: Callable[[str], None]) -> list[list[int]]:
-    """Each answer with the last two tokens of its prompt in front (the context of its first token)."""
+                   progress: Callable[[str], None] = lambda message: None) -> list[Answer]:
+    """Up to ``tokens`` tokens of the model's own answers to REQUESTS (each ends at the first of ``stop_ids``: the
+    ids the client stops on)."""
     new_tokens = max(8, tokens // (len(REQUESTS) * ROWS))
     stops = {int(t) for t in stop_ids}
     pad = min(stops, default=0)
-    answers: list[list[int]] = []
+    answers: list[Answer] = []
     with torch.random.fork_rng(), torch.no_grad():  # seeded here, and the caller's RNG state left as it was
         torch.manual_seed(seed)
         for i, request in enumerate(REQUESTS):
@@ -75,9 +93,28 @@ def sample_answers(model, tokenizer, stop_ids: Sequence[int], tokens: int, seed:
             out = model.generate(batch, attention_mask=torch.ones_like(batch), do_sample=True, temperature=TEMPERATURE,
                                  top_k=TOP_K, top_p=1.0, max_new_tokens=new_tokens, pad_token_id=pad,
                                  eos_token_id=sorted(stops) or None)
-            for row in out[:, len(prompt) - 2 :].tolist():
-                end = next((j for j, t in enumerate(row[2:], 2) if t in stops), len(row))
-                answers.append(row[:end])
+            for row in out[:, len(prompt) :].tolist():
+                end = next((j for j, t in enumerate(row) if t in stops), len(row))
+                answers.append(Answer(prompt, row[:end]))
+    return answers
+
+
+def greedy_answers(model, tokenizer, stop_ids: Sequence[int], new_tokens: int,
+                   progress: Callable[[str], None] = lambda message: None) -> list[Answer]:
+    """The model's greedy answers to CALIBRATION_REQUESTS, one at a time (no padding), up to ``new_tokens`` each."""
+    stops = sorted({int(t) for t in stop_ids})
+    answers: list[Answer] = []
+    with torch.no_grad():
+        for i, request in enumerate(CALIBRATION_REQUESTS):
+            progress(f"greedy answer {i + 1}/{len(CALIBRATION_REQUESTS)}")
+            prompt = _prompt_ids(tokenizer, request)
+            batch = torch.tensor([prompt], dtype=torch.long)
+            out = model.generate(batch, attention_mask=torch.ones_like(batch), do_sample=False,
+                                 max_new_tokens=new_tokens, pad_token_id=stops[0] if stops else 0,
+                                 eos_token_id=stops or None)
+            row = out[0, len(prompt) :].tolist()
+            end = next((j for j, t in enumerate(row) if t in stops), len(row))
+            answers.append(Answer(prompt, row[:end]))
     return answers
 
 

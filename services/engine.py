@@ -67,6 +67,7 @@ class StepRequest:
     keep_length: int | None
     keep: int  # outputs to answer with (the last ``keep`` positions)
     samples: int  # of those, how many to sample
+    guesses: bool = False  # answer each sample with the look-ahead's guess at the token after it
 
 
 @dataclass
@@ -74,6 +75,7 @@ class StepOutcome:
     output: np.ndarray  # [keep, vocab or hidden]
     choices: list[Choice]
     length: int
+    seconds: float = 0.0  # the run that finished the step (its batch's, sampling included)
 
 
 @dataclass(eq=False)
@@ -308,7 +310,8 @@ class Engine:
             session.return_gap = gap if session.return_gap is None else (
                 RETURN_GAP_WEIGHT * gap + (1 - RETURN_GAP_WEIGHT) * session.return_gap)
         session.floor, session.busy = target, True
-        self.scheduler.add(Work(session, request.hidden, request.keep, request.samples, target, command.done))
+        self.scheduler.add(Work(session, request.hidden, request.keep, request.samples, target, command.done,
+                                guesses=request.guesses))
 
     def _deliver(self, plan: Plan, elapsed: float) -> None:
         if plan.decode:
@@ -329,7 +332,7 @@ class Engine:
             self.metrics.positions.inc(work.seq)
             self.metrics.tokens.inc(len(work.choices))
             self.metrics.steps.observe(elapsed)
-            self._answer(work.done, StepOutcome(work.output, work.choices, self.table.length(session)))
+            self._answer(work.done, StepOutcome(work.output, work.choices, self.table.length(session), elapsed))
 
     @staticmethod
     def _answer(future: asyncio.Future, result: object = None, exception: BaseException | None = None) -> None:

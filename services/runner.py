@@ -11,6 +11,7 @@ Only this thread touches the KV pool and the sessions' samplers while a step run
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import numpy as np
 
@@ -27,6 +28,7 @@ class ModelRunner:
     def __init__(self, tail: TailRunner, pool: KVPool) -> None:
         self.tail = tail
         self.pool = pool
+        self.lookahead = tail.lookahead
 
     def execute(self, plan: Plan) -> None:
         """Run ``plan``; each work ends with ``output`` (and ``choices``) or ``error``, never an exception here."""
@@ -45,8 +47,10 @@ class ModelRunner:
             if last:
                 work.output = out[0]
                 _check_finite(work)
-        self._sample([w for w in plan.works if w.output is not None and w.error is None and w.samples
-                      and not w.choices])
+        sampled = [w for w in plan.works if w.output is not None and w.error is None and w.samples and not w.choices]
+        self._sample(sampled)
+        if self.lookahead is not None:
+            self._guess([w for w in sampled if w.guesses and w.error is None])
 
     def _decode(self, works: list[Work]) -> None:
         hidden = np.concatenate([w.hidden for w in works], axis=0)
@@ -80,6 +84,22 @@ class ModelRunner:
                 # The position the token was sampled from: a rollback to below it drops it from the history.
                 w.session.history.add(choice.token, w.start + w.seq - w.samples + j)
                 w.choices.append(choice)
+
+    def _guess(self, works: list[Work]) -> None:
+        """The look-ahead's guess after each sampled token, from the logits it was sampled from: one vectorised
+        call for every row of the step (a client that verified drafts needs the guess after whichever token it
+        keeps last)."""
+        if not works:
+            return
+        logits = np.concatenate([w.output[w.keep - w.samples : w.keep] for w in works])
+        tokens = [c.token for w in works for c in w.choices]
+        try:
+            guesses = iter(self.lookahead.guess(logits, np.asarray(tokens)))
+        except Exception:  # noqa: BLE001 - a guess is an optimisation: the step's tokens stand without one
+            log.exception("the look-ahead failed for %d rows", len(tokens))
+            return
+        for w in works:
+            w.choices = [replace(c, guess=next(guesses)) for c in w.choices]
 
 
 def _check_finite(work: Work) -> None:

@@ -50,6 +50,7 @@ class Work:
     samples: int  # of those, how many to sample (0: none, the client samples or asked for logits)
     start: int  # the session's length before the step
     done: asyncio.Future
+    guesses: bool = False  # answer each sample with the look-ahead's guess at the token after it
     offset: int = 0  # positions already run
     output: np.ndarray | None = None  # [keep, vocab or hidden] once the last chunk ran
     choices: list[Choice] = field(default_factory=list)

@@ -1,6 +1,7 @@
 """Draft tokens for free: prompt lookup (the continuation of the most recent earlier occurrence of the last few
 tokens), so one round trip to the tail can verify several positions; where the conversation has no match, the
-bundle's draft table (n-grams the model itself tends to write, sampled at export: export/draft_table.py).
+bundle's draft table (n-grams the model itself tends to write, sampled at export: export/draft_table.py) and the
+tail's guess at the next token (its look-ahead, splitcore/lookahead.py), each followed by the table's chain.
 
 Summaries, rewrites, code edits and lists repeat long stretches of their input; a draft costs no model call at all,
 and a wrong one costs only the extra positions of one step. The lookup draft's length adapts: it grows while drafts
@@ -42,6 +43,14 @@ COUNT_ARRAYS = ("pair_seen", "next_seen")
 PRIOR_SEEN = 2
 # Each step, the evidence of how the table's drafts fared in this conversation keeps this share of its weight.
 CALIBRATION_MEMORY = 0.98
+# A guess of the tail's is weighed as if right this many times less often than stated: its chances are measured on
+# answers to generic requests, and on one conversation they can be far lower (SmolLM2, the bench's chat answers:
+# right 9.5% of the time where 23% was stated; 19% on other chat answers). A replay of those answers: at a drafted
+# position's cost of 4.5% of a step (a CPU tail, 30 ms RTT) weighing them at 0.35-0.5 of their stated chance
+# changes little (bench's chat -0.3% -> -0.4-0.7%, 10 other chat prompts +7.3% -> +6.5-7.2%); at 18% (a CPU tail
+# on loopback) it halves the loss on the bench's chat (-4.1% -> -1.8-2.1%), and it leaves room for a cost that was
+# measured low. Guesses are asked for only while the best of them, so weighed, would pay.
+GUESS_MARGIN = 2.5
 
 
 class DraftTable:
@@ -109,6 +118,7 @@ class StepCosts:
 
     WINDOW = 48  # recent steps of both kinds, in order; medians, so one slow step (a GC pause, a retry) moves nothing
     PRIOR_SHARE = 0.1  # assumed until both kinds of step are among the recent ones
+    NEIGHBOURS = 8  # one-position steps this close to a drafted one (either side) are its baseline
 
     def __init__(self) -> None:
         # (positions, seconds) of the recent decode steps. One window for both kinds, so both medians come from the
@@ -116,31 +126,51 @@ class StepCosts:
         self.steps: deque[tuple[int, float]] = deque(maxlen=self.WINDOW)
         self.lock = threading.Lock()
 
-    def observe(self, positions: int, seconds: float) -> None:
+    def observe(self, positions: int, seconds: float, compute: float | None = None) -> None:
+        """A step of ``positions`` took ``seconds`` end to end, ``compute`` of them in the head's and the tail's runs
+        (None: not known)."""
         if positions >= 1:
             with self.lock:
-                self.steps.append((positions, seconds))
+                self.steps.append((positions, seconds, compute))
 
     def measured_share(self) -> float | None:
-        """An extra position's time over a one-position step's, from medians of the recent steps; None until both
-        kinds of step are among them."""
+        """An extra position's time over a one-position step's; None until a drafted step has one-position steps
+        near it among the recent ones.
+
+        Each drafted step is compared with the one-position steps around it (NEIGHBOURS either side), not with all
+        of them: a machine whose steps slow down for a while (another process, a batch of other sessions on the
+        tail) would otherwise make drafted steps from a fast stretch look free, and a client that then drafts on
+        every step has no recent plain step left to correct it. The extra time comes from the runs' own times where
+        the tail reports them (Server-Timing): a link's jitter of a millisecond or two swamps a 2.6 ms position in
+        end-to-end times. What a position adds on the wire (~1 KB of fp16 hidden state) is then left out: a
+        rounding error on any link faster than a few Mbit/s."""
         with self.lock:
             steps = list(self.steps)
-        singles = [seconds for positions, seconds in steps if positions == 1]
-        drafted = [(positions, seconds) for positions, seconds in steps if positions > 1]
-        if not singles or not drafted:
+        timed = all(compute is not None for _, _, compute in steps)
+        cost = [compute if timed else seconds for _, seconds, compute in steps]
+        singles = [seconds for positions, seconds, _ in steps if positions == 1]
+        extras = []
+        for i, (positions, _, _) in enumerate(steps):
+            if positions > 1:
+                near = [cost[j] for j in range(max(0, i - self.NEIGHBOURS), min(len(steps), i + self.NEIGHBOURS + 1))
+                        if steps[j][0] == 1]
+                if near:
+                    extras.append((cost[i] - statistics.median(near)) / (positions - 1))
+        if not singles or not extras:
             return None
-        single = statistics.median(singles)
-        extra = statistics.median((seconds - single) / (positions - 1) for positions, seconds in drafted)
-        return max(extra, 0.0) / max(single, 1e-6)
+        return max(statistics.median(extras), 0.0) / max(statistics.median(singles), 1e-6)
 
     def position_share(self) -> float:
         share = self.measured_share()
         return self.PRIOR_SHARE if share is None else share
 
     def best_length(self, chances: Sequence[float]) -> int:
+        return self.best(chances)[0]
+
+    def best(self, chances: Sequence[float]) -> tuple[int, float]:
         """How many drafts of a chain to send, ``chances[i]`` being the chance that the first i + 1 are all kept:
-        the count with the most expected tokens (kept drafts plus the tail's own) per unit of step time."""
+        the count with the most expected tokens (kept drafts plus the tail's own) per unit of step time, and that
+        rate (1.0: a step without drafts)."""
         share = self.position_share()
         best, best_rate, expected = 0, 1.0, 1.0
         for length, chance in enumerate(chances, 1):
@@ -148,7 +178,7 @@ class StepCosts:
             rate = expected / (1.0 + share * length)
             if rate > best_rate:
                 best, best_rate = length, rate
-        return best
+        return best, best_rate
 
 
 class PromptLookup:
@@ -156,7 +186,7 @@ class PromptLookup:
     sized to what verifying it costs here (``observe`` is told every decode step's positions and time)."""
 
     def __init__(self, max_draft: int = 8, max_ngram: int = 3, min_ngram: int = 1, table: DraftTable | None = None,
-                 costs: StepCosts | None = None) -> None:
+                 costs: StepCosts | None = None, best_guess: float | None = None) -> None:
         if max_draft < 1 or not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need max_draft >= 1 and 1 <= min_ngram <= max_ngram, got {max_draft}, "
                              f"{min_ngram}, {max_ngram}")
@@ -165,34 +195,69 @@ class PromptLookup:
         self.rejected = 0  # drafts in a row of which not one token was kept
         self.table = table
         self.costs = costs or StepCosts()
-        # How the table's drafts fared here: tokens kept, and the sum of their counted chances; slowly forgotten.
-        self.table_kept = self.table_expected = 0.0
-        self.from_table = False  # where the last proposal came from
-        self._chances: list[float] = []  # the counted chances of the table drafts last proposed
+        # The highest chance a guess of the tail's look-ahead states (None: the tail has none, never ask for one).
+        self.best_guess = best_guess
+        # How the table's drafts, and the tail's guesses, fared in this conversation.
+        self.table_record = Record()
+        self.guess_record = Record()
+        self.from_table = False  # the last proposal was weighed (table and/or guess), not looked up
+        self._guessed: float | None = None  # the stated chance of the guess that led the last proposal
+        self._chances: list[float] = []  # the table's chances for its part of the last proposal
 
-    def propose(self, history: Sequence[int], limit: int) -> list[int]:
+    def propose(self, history: Sequence[int], limit: int, guess: tuple[int, float] | None = None) -> list[int]:
         """Up to ``limit`` tokens likely to follow ``history`` (from lookup: at most the current draft length);
-        [] when nothing matches or no draft is worth its cost."""
+        [] when nothing matches or no draft is worth its cost. ``guess``: the tail's guess at the next token and
+        the chance it is right (splitcore/lookahead.py), drafted, with the table's chain after it, when that is
+        worth more than the table's chain alone."""
         self.from_table = False
-        self.table_kept *= CALIBRATION_MEMORY
-        self.table_expected *= CALIBRATION_MEMORY
+        self.table_record.forget()
+        self.guess_record.forget()
         if min(limit, self.max_draft) < 1 or len(history) < 2:
             return []
         drafts = self._lookup(history, min(limit, self.length))
-        if drafts or self.table is None:
+        if drafts:
             return drafts
-        tokens, chances = self.table.chain(history, min(limit, self.max_draft))
-        if not tokens:  # most steps of open chat: nothing to weigh, so no cost to look up
+        limit = min(limit, self.max_draft)
+        tokens, chances = self._table_chain(history, limit)
+        if not tokens and guess is None:  # most steps of open chat without a guess: nothing to weigh
             return []
-        calibration = (self.table_kept + 1.0) / (self.table_expected + 1.0)
-        count = self.costs.best_length([min(c * calibration, 1.0) for c in chances])
+        count, rate = self.costs.best(self.table_record.scaled(chances))
+        guessed: float | None = None
+        if guess is not None:
+            token, stated = guess
+            after, after_chances = self._table_chain([*history, token], limit - 1)
+            first = self._guess_chance(stated)
+            guess_count, guess_rate = self.costs.best(
+                [first, *(first * c for c in self.table_record.scaled(after_chances))])
+            if guess_count and guess_rate > rate:
+                tokens, chances, count, guessed = [token, *after], after_chances, guess_count, stated
         self.from_table = count > 0
-        self._chances = chances[:count]
+        self._guessed = guessed
+        self._chances = chances[: count - (guessed is not None)]
         return tokens[:count]
 
-    def observe(self, positions: int, seconds: float) -> None:
-        """A decode step of ``positions`` positions (the last token and its drafts) took ``seconds``."""
-        self.costs.observe(positions, seconds)
+    def wants_guess(self) -> bool:
+        """Whether to ask the tail for its guesses on the next step: only while the best one it can state, weighed as
+        ``_guess_chance`` weighs it, pays for the position it costs, that cost as measured (lookup's and the table's
+        drafts measure it within a few steps; the prior would ask a CPU tail on a fast link for guesses that cannot
+        pay, and the tail would compute them for nothing)."""
+        share = self.costs.measured_share()
+        if self.best_guess is None or share is None:
+            return False
+        return self._guess_chance(self.best_guess) > share
+
+    def _guess_chance(self, stated: float) -> float:
+        """A guess's chance as weighed here: its stated one, scaled by how guesses fared in this conversation and
+        divided by GUESS_MARGIN."""
+        return self.guess_record.scaled([stated])[0] / GUESS_MARGIN
+
+    def _table_chain(self, history: Sequence[int], limit: int) -> tuple[list[int], list[float]]:
+        return self.table.chain(history, limit) if self.table is not None and limit > 0 else ([], [])
+
+    def observe(self, positions: int, seconds: float, compute: float | None = None) -> None:
+        """A decode step of ``positions`` positions (the last token and its drafts) took ``seconds``, ``compute``
+        of them in the head's and the tail's runs."""
+        self.costs.observe(positions, seconds, compute)
 
     def _lookup(self, history: Sequence[int], limit: int) -> list[int]:
         # Vectorised: this runs once per generated token over the whole conversation (a Python scan cost 0.7 ms
@@ -214,11 +279,37 @@ class PromptLookup:
         """Adapt the lookup draft's length, and the match a draft needs, to how the last draft fared; a table draft
         adds to the table's record instead (its misses must not shorten the conversation's own drafts)."""
         if self.from_table:
-            self.table_kept += accepted
-            self.table_expected += sum(self._chances[:proposed])
+            table_kept = accepted
+            if self._guessed is not None:
+                self.guess_record.add(min(accepted, 1), self._guessed)
+                if not accepted:  # the table's part counted on the guess being right
+                    return
+                table_kept -= 1
+            self.table_record.add(table_kept, sum(self._chances))
             return
         self.rejected = self.rejected + 1 if accepted == 0 else 0
         if accepted == proposed:
             self.length = min(self.length + 1, self.max_draft)
         else:
             self.length = max(1, accepted + 1)
+
+
+class Record:
+    """How one source of drafts fared in a conversation: tokens kept against the sum of their stated chances. Each
+    step keeps CALIBRATION_MEMORY of the weight, so a source that was wrong for a while is tried again."""
+
+    def __init__(self) -> None:
+        self.kept = self.expected = 0.0
+
+    def forget(self) -> None:
+        self.kept *= CALIBRATION_MEMORY
+        self.expected *= CALIBRATION_MEMORY
+
+    def add(self, kept: float, expected: float) -> None:
+        self.kept += kept
+        self.expected += expected
+
+    def scaled(self, chances: Sequence[float]) -> list[float]:
+        """``chances`` as this conversation's record says they hold up (a prior of one kept of one expected)."""
+        calibration = (self.kept + 1.0) / (self.expected + 1.0)
+        return [min(c * calibration, 1.0) for c in chances]

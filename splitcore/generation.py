@@ -6,6 +6,7 @@ parity reference for the networked one.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator, Sequence
 from typing import Protocol
@@ -26,9 +27,13 @@ class TailLink(Protocol):
     must refuse rather than guess. ``sample`` False (prefill chunks before the last) returns None.
     """
 
-    def step(self, hidden_states: np.ndarray, past_length: int, sample: bool = True) -> Choice | None: ...
+    def step(self, hidden_states: np.ndarray, past_length: int, sample: bool = True, guess: bool = False
+             ) -> Choice | None:
+        """``guess``: the choice carries the tail's guess at the token after it, where the tail has a look-ahead
+        (splitcore/lookahead.py)."""
+        ...
 
-    def verify(self, hidden_states: np.ndarray, past_length: int, count: int) -> list[Choice]:
+    def verify(self, hidden_states: np.ndarray, past_length: int, count: int, guess: bool = False) -> list[Choice]:
         """Run the positions like ``step`` and sample each of the last ``count`` of them (speculative decoding:
         position i's sample is the token after the i-th of them); samples after a rejected one are discarded by the
         caller through ``rollback``."""
@@ -38,6 +43,10 @@ class TailLink(Protocol):
         """Keep only the first ``length`` positions (and the samples taken before them); a remote tail applies it
         with its next step."""
         ...
+
+    # The tail's own run time for the latest step (None: not known), without the link's: what a drafted position
+    # costs is learned from it (splitcore/drafting.py StepCosts).
+    compute_seconds: float | None
 
     def close(self) -> None:
         """Release what the link holds (a remote session); closing twice is harmless."""
@@ -83,23 +92,40 @@ class LocalTail:
         self.runner = runner
         self.cache = runner.new_cache(max_length)
         self.chooser = TokenChooser(params, lm_head)
+        self.compute_seconds: float | None = None
 
-    def step(self, hidden_states: np.ndarray, past_length: int, sample: bool = True) -> Choice | None:
+    def step(self, hidden_states: np.ndarray, past_length: int, sample: bool = True, guess: bool = False
+             ) -> Choice | None:
         held = self.cache.length(0)
         if past_length != held:
             raise ValueError(f"tail has {held} positions cached, the step continues {past_length}")
+        started = time.perf_counter()
         output = self.runner.forward(hidden_states, self.cache, logits_to_keep=1)
         if not sample:
             return None
-        return self.chooser.choose(output[0, -1], past_length + hidden_states.shape[1] - 1)
+        choice = self.chooser.choose(output[0, -1], past_length + hidden_states.shape[1] - 1)
+        choice = self._guess(output[0], [choice])[0] if guess else choice
+        self.compute_seconds = time.perf_counter() - started
+        return choice
 
-    def verify(self, hidden_states: np.ndarray, past_length: int, count: int) -> list[Choice]:
+    def verify(self, hidden_states: np.ndarray, past_length: int, count: int, guess: bool = False) -> list[Choice]:
         held = self.cache.length(0)
         if past_length != held:
             raise ValueError(f"tail has {held} positions cached, the step continues {past_length}")
+        started = time.perf_counter()
         output = self.runner.forward(hidden_states, self.cache, logits_to_keep=count)[0]
         first = past_length + hidden_states.shape[1] - count
-        return [self.chooser.choose(output[i], first + i) for i in range(count)]
+        choices = [self.chooser.choose(output[i], first + i) for i in range(count)]
+        choices = self._guess(output, choices) if guess else choices
+        self.compute_seconds = time.perf_counter() - started
+        return choices
+
+    def _guess(self, logits: np.ndarray, choices: list[Choice]) -> list[Choice]:
+        """The look-ahead's guess after each choice, as the service answers it (none in output mode "hidden")."""
+        if self.runner.lookahead is None:
+            return choices
+        guesses = self.runner.lookahead.guess(logits, np.array([c.token for c in choices]))
+        return [dataclasses.replace(c, guess=g) for c, g in zip(choices, guesses)]
 
     def rollback(self, length: int) -> None:
         self.cache.truncate(0, length)
@@ -135,6 +161,7 @@ class SplitGenerator:
         self.noise = noise
         self.drafter = drafter
         self.verified_steps = self.drafted = self.accepted = 0
+        self.head_seconds = 0.0  # the head's run time for the latest step
         # Positions this conversation may hold (default: the model's); the KV buffer is reserved at this size.
         self.cache = head.new_cache(max_length)
         self.ids: list[int] = []
@@ -152,18 +179,22 @@ class SplitGenerator:
         for start in range(0, len(ids), self.prefill_chunk):
             chunk = np.asarray([ids[start : start + self.prefill_chunk]], dtype=np.int64)
             past = self.cache.length(0)
+            started = time.perf_counter()
             hidden = self.head.forward(chunk, self.cache)
+            self.head_seconds = time.perf_counter() - started
             if self.noise is not None:
                 hidden = self.noise(hidden)
             last = start + self.prefill_chunk >= len(ids)
-            choice = self.tail.step(hidden, past, sample=last)
+            choice = self.tail.step(hidden, past, sample=last, guess=last and self._wants_guess())
             self.ids.extend(int(i) for i in chunk[0])
         assert choice is not None
         return choice
 
     def _send(self, ids: Sequence[int]) -> tuple[np.ndarray, int]:
         past = self.cache.length(0)
+        started = time.perf_counter()
         hidden = self.head.forward(np.asarray([ids], dtype=np.int64), self.cache)
+        self.head_seconds = time.perf_counter() - started
         if self.noise is not None:
             hidden = self.noise(hidden)
         return hidden, past
@@ -177,8 +208,8 @@ class SplitGenerator:
         """Feed ``token`` and the drafts as one chunk; returns the tail's samples and how many drafts they keep."""
         started = time.perf_counter()
         hidden, past = self._send([token, *drafts])
-        choices = self.tail.verify(hidden, past, len(drafts) + 1)
-        self.drafter.observe(len(drafts) + 1, time.perf_counter() - started)
+        choices = self.tail.verify(hidden, past, len(drafts) + 1, guess=self._wants_guess())
+        self.drafter.observe(len(drafts) + 1, time.perf_counter() - started, self._compute_seconds())
         accepted = 0
         while accepted < len(drafts) and choices[accepted].token == drafts[accepted]:
             accepted += 1
@@ -190,11 +221,19 @@ class SplitGenerator:
         self.accepted += accepted
         return choices, accepted
 
-    def _drafts(self, token: int, limit: int) -> list[int]:
+    def _compute_seconds(self) -> float | None:
+        """The latest step's head and tail run times together, where the tail reported its own."""
+        tail = getattr(self.tail, "compute_seconds", None)  # a link that wraps another may not say
+        return None if tail is None else self.head_seconds + tail
+
+    def _wants_guess(self) -> bool:
+        return self.drafter is not None and self.drafter.wants_guess()
+
+    def _drafts(self, choice: Choice, limit: int) -> list[int]:
         if self.drafter is None:
             return []
         room = self.cache.max_length - self.cache.length(0) - 1
-        return self.drafter.propose([*self.ids, token], min(limit, room))
+        return self.drafter.propose([*self.ids, choice.token], min(limit, room), choice.guess)
 
     @property
     def held_ids(self) -> list[int]:
@@ -223,12 +262,12 @@ class SplitGenerator:
                 self.pending = choice.token
                 return
             # Drafts never take the run past max_new_tokens: every kept draft plus the final sample fits.
-            drafts = self._drafts(choice.token, max_new_tokens - produced - 1)
+            drafts = self._drafts(choice, max_new_tokens - produced - 1)
             if not drafts:
                 started = time.perf_counter()
                 choice = self.feed([choice.token])
                 if self.drafter is not None:
-                    self.drafter.observe(1, time.perf_counter() - started)
+                    self.drafter.observe(1, time.perf_counter() - started, self._compute_seconds())
                 continue
             start = self.cache.length(0)
             choices, accepted = self._verify(choice.token, drafts)

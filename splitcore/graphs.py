@@ -20,6 +20,7 @@ from splitcore import names
 from splitcore.cudagraphs import DecodeGraphs
 from splitcore.errors import ManifestError, ShapeError, SplitError
 from splitcore.kvpool import KVPool, SlotShape
+from splitcore.lookahead import Lookahead
 from splitcore.manifest import Bundle, GraphSpec
 from splitcore.providers import active_providers, choose_providers, session_options
 
@@ -233,6 +234,9 @@ class TailRunner(GraphRunner):
     def __init__(self, bundle: Bundle, providers: Sequence[str] | None = None, intra_op_threads: int = 0,
                  device_id: int = 0, cuda_graphs: bool = False) -> None:
         super().__init__(bundle, "tail", providers, intra_op_threads, device_id, cuda_graphs)
+        spec = bundle.manifest.lookahead
+        self.lookahead = None if spec is None else Lookahead(bundle.path(spec.file), bundle.manifest.model.vocab_size,
+                                                             spec.confidence_edges, spec.chances)
 
     def forward(self, hidden_states: np.ndarray, cache: KVPool, slot: int = 0, logits_to_keep: int = 1) -> np.ndarray:
         """Hidden states [1, seq, hidden] -> the tail's output for the last ``logits_to_keep`` positions (0: all).

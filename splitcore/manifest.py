@@ -112,6 +112,18 @@ class DraftTableSpec(_Strict):
     pairs: int
 
 
+class LookaheadSpec(_Strict):
+    """The tail's look-ahead (splitcore/lookahead.py), fitted at export on the draft table's samples."""
+
+    file: str
+    shortlist: int  # the tokens it guesses among
+    positions: int  # answer positions it was fitted on
+    greedy_agreement: float  # how often its guess was the next token of greedy answers to requests it was not fitted on
+    # A guess whose confidence falls in [edges[i], edges[i + 1]) is right with chances[i] (on those answers).
+    confidence_edges: list[float]
+    chances: list[float]
+
+
 class FileEntry(_Strict):
     sha256: str
     bytes: int
@@ -134,6 +146,8 @@ class Manifest(_Strict):
     tokenizer: TokenizerSpec | None
     # Optional draft n-grams for speculation on the client (`python -m export --draft-tokens`).
     drafts: DraftTableSpec | None = None
+    # Optional guess at the token after each sampled one, made where the logits are (the tail, in output mode logits).
+    lookahead: LookaheadSpec | None = None
     files: dict[str, FileEntry]
     validation: dict
     tools: dict[str, str]
@@ -148,6 +162,10 @@ class Manifest(_Strict):
             raise ValueError(f"graph layer spans {self.head.layers}, {self.tail.layers} do not cut {n} layers at {k}")
         if self.drafts is not None and "client" not in getattr(self.files.get(self.drafts.file), "roles", ()):
             raise ValueError(f"draft table {self.drafts.file!r} is not among the client bundle's files")
+        if self.lookahead is not None and "server" not in getattr(self.files.get(self.lookahead.file), "roles", ()):
+            raise ValueError(f"look-ahead {self.lookahead.file!r} is not among the server bundle's files")
+        if self.lookahead is not None and self.output_mode != "logits":
+            raise ValueError("a look-ahead reads the tail's logits: output_mode must be 'logits'")
         if self.full is not None and tuple(self.full.layers) != (0, n):
             raise ValueError(f"full graph spans layers {self.full.layers}, expected (0, {n})")
         tail_out = self.tail.outputs[0].name

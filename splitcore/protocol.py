@@ -17,6 +17,12 @@ RETURN_HEADER = "X-Return"
 # step's last n positions (repetition penalty applied in order), answered in ``tokens`` / ``logprobs``.
 KEEP_LENGTH_HEADER = "X-Keep-Length"
 SAMPLE_COUNT_HEADER = "X-Sample-Count"
+# X-Guess: 1 asks for the look-ahead's guess after each sampled token (``guesses``), where the bundle has one. Per
+# step, so a client asks only while a guess can pay for the position it costs (splitcore/drafting.py).
+GUESS_HEADER = "X-Guess"
+# Every step's answer says how long the tail's run took, as the W3C Server-Timing header (``tail;dur=<ms>``): the
+# client learns what a drafted position costs from it without the link's jitter (splitcore/drafting.py StepCosts).
+SERVER_TIMING_HEADER = "Server-Timing"
 # A random key per conversation, sent on every request including the open: a load balancer that hashes on it
 # (k8s/optional/ingress-nginx.yaml) sends a conversation's steps to the replica that holds its KV cache. The
 # session id cannot serve: it does not exist yet when the session is opened.
@@ -81,6 +87,9 @@ class StepResult(_Body):
     tokens: list[int] = Field(default_factory=list, description="one sample per position of X-Sample-Count, in order; "
                               "the last is ``token``")
     logprobs: list[float] = Field(default_factory=list, description="their log-probabilities")
+    guesses: list[tuple[int, float]] = Field(
+        default_factory=list, description="for each token of ``tokens`` (when the step asked for guesses): the "
+        "tail's guess at the token after it and the chance that guess is right")
 
 
 ReturnKind = Literal["token", "logits"]

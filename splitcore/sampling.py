@@ -57,6 +57,8 @@ class Choice:
     token: int
     logprob: float
     top: list[tuple[int, float]]
+    # The tail's look-ahead (splitcore/lookahead.py): its guess at the token after this one, and the chance it is right.
+    guess: tuple[int, float] | None = None
 
 
 class Sampler:

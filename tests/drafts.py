@@ -10,7 +10,7 @@ class OracleDrafts:
         self.prompt, self.continuation, self.wrong_every, self.length = len(prompt), continuation, wrong_every, length
         self.proposed = self.accepted = 0
 
-    def propose(self, history: list[int], limit: int) -> list[int]:
+    def propose(self, history: list[int], limit: int, guess: tuple[int, float] | None = None) -> list[int]:
         done = len(history) - self.prompt  # generated tokens the history holds (the last one not fed yet)
         drafts = list(self.continuation[done : done + min(limit, self.length)])
         for i in range(len(drafts)):
@@ -18,9 +18,12 @@ class OracleDrafts:
                 drafts[i] = (drafts[i] + 1) % 512
         return drafts
 
+    def wants_guess(self) -> bool:
+        return False
+
     def update(self, proposed: int, accepted: int) -> None:
         self.proposed += proposed
         self.accepted += accepted
 
-    def observe(self, positions: int, seconds: float) -> None:
+    def observe(self, positions: int, seconds: float, compute: float | None = None) -> None:
         """Step times do not matter here."""

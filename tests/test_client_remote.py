@@ -64,6 +64,13 @@ GARBAGE = [
     ("token past 2^63", Answer.json({"token": 2**63, "length": 1}), f"token id {2**63}"),
     ("top token past vocab", Answer.json({"token": 1, "top_logprobs": [[10**6, 0.0]], "length": 1}), "1000000"),
     ("wrong length", Answer.json({"token": 1, "length": 7}), "holds 7 positions"),
+    ("guess past vocab", Answer.json({"token": 1, "length": 1, "guesses": [[VOCAB, 0.5]]}), f"guess ({VOCAB}, 0.5)"),
+    ("negative guess", Answer.json({"token": 1, "length": 1, "guesses": [[-1, 0.5]]}), "guess (-1, 0.5)"),
+    ("guess chance above 1", Answer.json({"token": 1, "length": 1, "guesses": [[2, 7.5]]}), "chance in [0, 1]"),
+    ("guess chance not a number", Answer(200, b'{"token": 1, "length": 1, "guesses": [[2, NaN]]}',
+                                         {"Content-Type": "application/json"}), "guesses"),
+    ("more guesses than tokens", Answer.json({"token": 1, "length": 1, "guesses": [[2, 0.5], [3, 0.5]]}),
+     "2 guesses for 1 tokens"),
     ("redirect", Answer(302, headers={"Location": "http://elsewhere/"}), "redirected"),
     ("temporary redirect", Answer(307, headers={"Location": "/v2"}), "does not follow redirects"),
     ("huge declared body", Answer(200, b"{}", {"Content-Length": str(1 << 40)}), "declares"),
@@ -284,3 +291,18 @@ def test_sampling_the_client_takes_is_sent_as_the_service_reads_it(tail):
     tail.opened = opened
     RemoteTail.open(bundle(), ClientSettings(server_url=tail.url), SamplingParams(top_k=50.0)).close()
     assert bodies[0]["sampling"]["top_k"] == 50 and isinstance(bodies[0]["sampling"]["top_k"], int)
+
+
+def test_the_tails_own_run_time_is_read_from_its_server_timing_header(tail):
+    remote = link(tail)
+    cases = [("tail;dur=5.5", 0.0055), ("tail;dur=12", 0.012), ("tail;dur=-1", None), ("tail;dur=1e3", None),
+             ("db;dur=3", None), ("tail;dur=" + "9" * 40, None), ("", None)]
+    for header, expected in cases:
+        def step(request, length, header=header):
+            tail.sessions[request.path.split("/")[3]] = length + 1
+            return Answer.json({"token": 7, "length": length + 1}, headers={"Server-Timing": header} if header else {})
+
+        tail.step = step
+        remote.step(hidden(), remote.length)
+        assert remote.compute_seconds == expected, header
+    remote.close()

@@ -64,6 +64,34 @@ def test_step_costs_send_the_drafts_that_pay_for_their_positions():
     assert slow.best_length([0.25, 0.1]) == 0 and slow.best_length([0.9, 0.8]) == 2
 
 
+def test_a_drafted_step_is_compared_with_the_plain_steps_around_it():
+    """A slow stretch of plain steps, then a faster machine where nearly every step drafts: against all plain steps
+    the drafted ones would look free (and the client would draft on every step, leaving nothing to correct it);
+    against their neighbours they cost what they do."""
+    costs = StepCosts()
+    for _ in range(20):
+        costs.observe(1, 0.053, 0.013)
+    for i in range(20):
+        costs.observe(2, 0.0526, 0.0126)  # 2.6 ms over the plain steps of its own stretch
+        if i % 5 == 0:
+            costs.observe(1, 0.050, 0.010)
+    assert 0.04 < costs.measured_share() < 0.06
+
+
+def test_a_positions_cost_comes_from_the_runs_own_times_where_the_tail_reports_them():
+    """Over a jittery link the end-to-end times can make a drafted step look faster than a plain one; the head's and
+    tail's run times say what the position cost."""
+    costs = StepCosts()
+    for jitter in (0.004, -0.003, 0.001, -0.004, 0.002):
+        costs.observe(1, 0.050 + jitter, 0.010)
+        costs.observe(2, 0.048 + jitter, 0.0126)  # 2.6 ms of runs more; the link happened to be faster
+    assert costs.measured_share() == pytest.approx(0.0026 / 0.051, rel=0.02)
+    blind = StepCosts()
+    for positions, seconds, _ in costs.steps:
+        blind.observe(positions, seconds)
+    assert blind.measured_share() == 0.0  # from end-to-end times alone: free, which it is not
+
+
 def test_prompt_lookup_drafts_from_the_table_only_where_the_conversation_has_no_match():
     table = table_of([[1, 2, 3, 4, 5]] * 3)  # each pair seen three times, always with the same successor
     lookup = PromptLookup(max_draft=8, table=table)
@@ -208,20 +236,25 @@ def test_greedy_output_with_table_drafts_equals_one_token_per_step(drafted_bundl
     prompt = list(range(30, 44))  # no repeats: drafts come from the table alone at first
 
     class Counting(PromptLookup):
-        from_table_proposals = 0
+        from_table_proposals = guessed_proposals = 0
 
-        def propose(self, history, limit):
-            drafts = super().propose(history, limit)
+        def propose(self, history, limit, guess=None):
+            drafts = super().propose(history, limit, guess)
             self.from_table_proposals += self.from_table
+            self.guessed_proposals += self._guessed is not None and self.from_table
             return drafts
 
-    outputs, drafter = [], Counting(table=table)
-    for each in (None, drafter):
+    free = StepCosts()  # positions that cost nothing: every guess is worth drafting
+    free.observe(1, 1.0), free.observe(2, 1.0)
+    outputs, drafter, guessing = [], Counting(table=table), Counting(table=table, costs=free, best_guess=0.5)
+    for each in (None, drafter, guessing):
         generator = SplitGenerator(head, LocalTail(tail, SamplingParams()), prefill_chunk=5, drafter=each)
         outputs.append([c.token for c in generator.generate(prompt, 40, ())])
     assert drafter.from_table_proposals > 0, "the table must have drafted something"
-    assert outputs[0] == outputs[1]
-    kinds = {positions > 1 for positions, _ in drafter.costs.steps}
+    assert guessing.guessed_proposals > 0, "the tail's look-ahead must have drafted something"
+    assert outputs[0] == outputs[1] == outputs[2]
+    kinds = {positions > 1 for positions, _, _ in drafter.costs.steps}
+    assert all(compute is not None for _, _, compute in drafter.costs.steps), "the runs' own times reach it too"
     assert kinds == {False, True}, "every decode step's time, drafted or not, must reach the drafter"
 
 

@@ -19,9 +19,9 @@ class RecordingTail:
     def __init__(self, tail: LocalTail) -> None:
         self.tail, self.sent = tail, []
 
-    def step(self, hidden_states, past_length, sample=True):
+    def step(self, hidden_states, past_length, sample=True, guess=False):
         self.sent.append(hidden_states.copy())
-        return self.tail.step(hidden_states, past_length, sample)
+        return self.tail.step(hidden_states, past_length, sample, guess)
 
 
 def run(export_bundle, noise, prompt=tuple(range(30, 45))):

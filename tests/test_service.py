@@ -145,6 +145,17 @@ def test_sample_count_samples_each_of_the_last_positions_with_the_penalty_in_ord
     assert too_many.status_code == 422 and "X-Sample-Count 3 > the step's 2 positions" in too_many.json()["detail"]
 
 
+def test_a_step_says_its_run_time_and_a_bundle_without_a_look_ahead_answers_no_guesses(tiny, service):
+    _, client, _ = tiny
+    size, sha = client.manifest.model.hidden_size, client.manifest_sha256
+    sid = open_session(service, sha)
+    response = step(service, sid, hidden_states(size, 3), 0, sha, Guess=1, Sample_Count=2)
+    assert response.status_code == 200, response.text
+    assert "guesses" not in response.json() and client.manifest.lookahead is None
+    timing = response.headers[protocol.SERVER_TIMING_HEADER]
+    assert timing.startswith("tail;dur=") and 0 < float(timing.split("=")[1]) < 60_000
+
+
 def test_keep_length_rolls_back_the_latest_step_and_refuses_stale_ones(tiny, service):
     _, client, server = tiny
     size, sha = client.manifest.model.hidden_size, client.manifest_sha256

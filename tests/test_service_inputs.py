@@ -76,6 +76,8 @@ def bad_steps(size: int, sha: str):
         "sample count huge": (good, 0, sha, {"Sample-Count": 2**70}, 422, "x-sample-count"),
         "sample count > seq": (good, 0, sha, {"Sample-Count": 2}, 422, "X-Sample-Count 2 > the step's 1"),
         "sample 2": (good, 0, sha, {"Sample": 2}, 422, "x-sample"),
+        "guess 2": (good, 0, sha, {"Guess": 2}, 422, "x-guess"),
+        "guess yes": (good, 0, sha, {"Guess": "yes"}, 422, "x-guess"),
         "unknown return": (good, 0, sha, {"Return": "everything"}, 422, "x-return"),
     }
 
@@ -253,11 +255,11 @@ def test_random_bad_input_is_always_4xx_and_a_bystander_gets_its_solo_tokens(tin
         def __init__(self, link) -> None:
             self.link = link
 
-        def step(self, hidden, past, sample=True):
+        def step(self, hidden, past, sample=True, guess=False):
             burst = [hostile_requests(rng, service, "", sha, size) for _ in range(4)]
             with ThreadPoolExecutor(4) as pool:
                 answers.extend(zip(burst, pool.map(lambda r: fire(service, sha, size, r), burst)))
-            return self.link.step(hidden, past, sample)
+            return self.link.step(hidden, past, sample, guess)
 
         def close(self) -> None:
             self.link.close()
