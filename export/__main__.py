@@ -207,8 +207,7 @@ def run(args: argparse.Namespace) -> None:
         log.info("  %d token pairs from %d sampled tokens", drafts.pairs, drafts.sampled_tokens)
         if not args.private_output:  # the look-ahead reads logits, which a private-output tail never has
             longest = max((len(answer.tokens) for answer in answers), default=0)
-            calibration = greedy_answers(model, loaded.tokenizer, tokenizer.eos_token_ids, max(longest, 8),
-                                         progress=_progress("look-ahead"))
+            calibration = greedy_answers(model, loaded.tokenizer, tokenizer.eos_token_ids, max(longest, 8))
             lookahead = write_lookahead(model, answers, calibration, args.out / bundles.SERVER,
                                         progress=_progress("look-ahead"))
     fields = dict(

@@ -99,22 +99,22 @@ def sample_answers(model, tokenizer, stop_ids: Sequence[int], tokens: int, seed:
     return answers
 
 
-def greedy_answers(model, tokenizer, stop_ids: Sequence[int], new_tokens: int,
-                   progress: Callable[[str], None] = lambda message: None) -> list[Answer]:
-    """The model's greedy answers to CALIBRATION_REQUESTS, one at a time (no padding), up to ``new_tokens`` each."""
+def greedy_answers(model, tokenizer, stop_ids: Sequence[int], new_tokens: int) -> list[Answer]:
+    """The model's greedy answers to CALIBRATION_REQUESTS, up to ``new_tokens`` each, in one batch padded on the left
+    (masked: on SmolLM2 the same 8 x 128 tokens as one request at a time, in 9 s instead of 35)."""
     stops = sorted({int(t) for t in stop_ids})
-    answers: list[Answer] = []
+    pad = stops[0] if stops else 0
+    prompts = [_prompt_ids(tokenizer, request) for request in CALIBRATION_REQUESTS]
+    width = max(len(prompt) for prompt in prompts)
+    batch = torch.tensor([[pad] * (width - len(prompt)) + prompt for prompt in prompts], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(prompt)) + [1] * len(prompt) for prompt in prompts], dtype=torch.long)
     with torch.no_grad():
-        for i, request in enumerate(CALIBRATION_REQUESTS):
-            progress(f"greedy answer {i + 1}/{len(CALIBRATION_REQUESTS)}")
-            prompt = _prompt_ids(tokenizer, request)
-            batch = torch.tensor([prompt], dtype=torch.long)
-            out = model.generate(batch, attention_mask=torch.ones_like(batch), do_sample=False,
-                                 max_new_tokens=new_tokens, pad_token_id=stops[0] if stops else 0,
-                                 eos_token_id=stops or None)
-            row = out[0, len(prompt) :].tolist()
-            end = next((j for j, t in enumerate(row) if t in stops), len(row))
-            answers.append(Answer(prompt, row[:end]))
+        out = model.generate(batch, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+                             pad_token_id=pad, eos_token_id=stops or None)
+    answers = []
+    for prompt, row in zip(prompts, out[:, width:].tolist()):
+        end = next((j for j, t in enumerate(row) if t in stops), len(row))
+        answers.append(Answer(prompt, row[:end]))
     return answers
 
 

@@ -61,10 +61,12 @@ def write_lookahead(model: torch.nn.Module, answers: Sequence[Answer], calibrati
     token_part = (rows @ rows.T).numpy()  # a shortlist token's LM-head row, as logits over the shortlist
     row_of = {int(t): i for i, t in enumerate(shortlist)}
     everything = answers + calibration
-    for i, answer in enumerate(everything):
-        logits = _shortlist_logits(model, answer, rows, row_bias)
-        (fitted if i < len(answers) else calibrating).add(logits, answer.tokens, token_part, row_of, shortlist)
-        progress(f"features of answer {i + 1}/{len(everything)}")
+    done = 0
+    for group in _same_prompt(everything):
+        for answer, logits in zip(group, _shortlist_logits(model, group, rows, row_bias)):
+            (fitted if done < len(answers) else calibrating).add(logits, answer.tokens, token_part, row_of, shortlist)
+            done += 1
+        progress(f"features of answer {done}/{len(everything)}")
     if not fitted.count or not calibrating.count:
         log.warning("  no look-ahead: too few answer positions (%d)", fitted.count + calibrating.count)
         return None
@@ -124,14 +126,31 @@ def build_graph(shortlist: np.ndarray, from_logits: np.ndarray, from_token: np.n
     return model
 
 
-def _shortlist_logits(model: torch.nn.Module, answer: Answer, rows: torch.Tensor,
-                      row_bias: torch.Tensor | None) -> np.ndarray:
-    """The final logits over the shortlist at the prompt's last position and every answer position: [1 + n, K]."""
-    ids = torch.tensor([answer.prompt + answer.tokens], dtype=torch.long)
+def _same_prompt(answers: Sequence[Answer], most: int = 16) -> list[list[Answer]]:
+    """Runs of consecutive answers to the same prompt (as sample_answers writes them), at most ``most`` each."""
+    groups: list[list[Answer]] = []
+    for answer in answers:
+        if groups and groups[-1][0].prompt == answer.prompt and len(groups[-1]) < most:
+            groups[-1].append(answer)
+        else:
+            groups.append([answer])
+    return groups
+
+
+def _shortlist_logits(model: torch.nn.Module, group: Sequence[Answer], rows: torch.Tensor,
+                      row_bias: torch.Tensor | None) -> list[np.ndarray]:
+    """For answers to one prompt, in one run: the final logits over the shortlist at the prompt's last position and
+    every answer position, [1 + n, K] each. The shorter answers are padded at the end, which a causal model's
+    earlier positions never see."""
+    prompt = group[0].prompt
+    longest = max(len(answer.tokens) for answer in group)
+    ids = torch.tensor([prompt + answer.tokens + [0] * (longest - len(answer.tokens)) for answer in group],
+                       dtype=torch.long)
     with torch.no_grad():
-        hidden = model.model(input_ids=ids).last_hidden_state[0, len(answer.prompt) - 1 :].to(torch.float64)
+        hidden = model.model(input_ids=ids).last_hidden_state[:, len(prompt) - 1 :].to(torch.float64)
     logits = hidden @ rows.T
-    return (logits if row_bias is None else logits + row_bias).numpy()
+    logits = logits if row_bias is None else logits + row_bias
+    return [logits[i, : len(answer.tokens) + 1].numpy() for i, answer in enumerate(group)]
 
 
 class Positions:

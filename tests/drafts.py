@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+from splitcore.drafting import StepCosts
+
+
+class FreePositions(StepCosts):
+    """Step costs where a drafted position costs nothing, whatever the machine's timing: every draft worth anything
+    is sent, so a test of what drafts do does not depend on how fast this machine ran its steps."""
+
+    def measured_share(self) -> float:
+        return 0.0
+
 
 class OracleDrafts:
     """Proposes the known continuation with every ``wrong_every``-th token replaced: hits and misses on demand."""

@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 from conftest import TINY
+from drafts import FreePositions
 
 from client.split import draft_table
 from export.__main__ import main as export_main
@@ -244,9 +245,9 @@ def test_greedy_output_with_table_drafts_equals_one_token_per_step(drafted_bundl
             self.guessed_proposals += self._guessed is not None and self.from_table
             return drafts
 
-    free = StepCosts()  # positions that cost nothing: every guess is worth drafting
-    free.observe(1, 1.0), free.observe(2, 1.0)
-    outputs, drafter, guessing = [], Counting(table=table), Counting(table=table, costs=free, best_guess=0.5)
+    outputs = []
+    drafter = Counting(table=table, costs=FreePositions())
+    guessing = Counting(table=table, costs=FreePositions(), best_guess=0.5)
     for each in (None, drafter, guessing):
         generator = SplitGenerator(head, LocalTail(tail, SamplingParams()), prefill_chunk=5, drafter=each)
         outputs.append([c.token for c in generator.generate(prompt, 40, ())])

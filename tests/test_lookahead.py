@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 from conftest import TINY
+from drafts import FreePositions
 from servers import service_thread
 
 from client.remote import RemoteTail
@@ -120,14 +121,6 @@ def test_no_lookahead_without_draft_tokens_or_for_a_private_output_tail(tmp_path
         assert manifest["lookahead"] is None and not (out / "server" / "lookahead.onnx").exists()
 
 
-def free_costs() -> StepCosts:
-    """A drafted position that costs nothing: every guess is worth drafting."""
-    costs = StepCosts()
-    costs.observe(1, 1.0)
-    costs.observe(2, 1.0)
-    return costs
-
-
 class Guessed(PromptLookup):
     guessed = 0
 
@@ -145,16 +138,16 @@ def test_guesses_in_process_draft_and_leave_greedy_output_alone(guessing_bundle)
     server = load_bundle(guessing_bundle / "server", "server")
     head, tail = HeadRunner(client), TailRunner(server)
     plain = [c.token for c in SplitGenerator(head, LocalTail(tail, SamplingParams())).generate(PROMPT, 40)]
-    drafter = Guessed(costs=free_costs(), best_guess=max(server.manifest.lookahead.chances))
+    drafter = Guessed(costs=FreePositions(), best_guess=max(server.manifest.lookahead.chances))
     generator = SplitGenerator(head, LocalTail(tail, SamplingParams()), drafter=drafter)
     assert [c.token for c in generator.generate(PROMPT, 40)] == plain
     assert drafter.guessed > 0 and generator.verified_steps > 0
 
 
 def test_guesses_are_asked_for_only_while_one_can_pay_for_its_position():
-    assert not PromptLookup(costs=free_costs()).wants_guess(), "no look-ahead in the bundle: never ask"
+    assert not PromptLookup(costs=FreePositions()).wants_guess(), "no look-ahead in the bundle: never ask"
     assert not PromptLookup(best_guess=0.9).wants_guess(), "not before a drafted position's cost is measured"
-    assert PromptLookup(costs=free_costs(), best_guess=0.3).wants_guess()
+    assert PromptLookup(costs=FreePositions(), best_guess=0.3).wants_guess()
     dear = StepCosts()  # a drafted position costs half a step: a guess right 30% of the time loses time
     dear.observe(1, 1.0), dear.observe(2, 1.5)
     assert not PromptLookup(costs=dear, best_guess=0.3).wants_guess()
@@ -163,7 +156,7 @@ def test_guesses_are_asked_for_only_while_one_can_pay_for_its_position():
     half.observe(1, 1.0), half.observe(2, 1.1)
     assert PromptLookup(costs=half, best_guess=0.3).wants_guess()
     assert not PromptLookup(costs=half, best_guess=0.2).wants_guess()
-    drafter = PromptLookup(costs=free_costs(), best_guess=0.3)
+    drafter = PromptLookup(costs=FreePositions(), best_guess=0.3)
     drafter.guess_record.add(0, 50.0)  # fifty guesses' worth of chances, none kept: stated chances do not hold here
     cheap = StepCosts()
     cheap.observe(1, 1.0), cheap.observe(2, 1.02)
@@ -189,14 +182,14 @@ def test_guesses_over_http_only_when_asked_and_with_many_sessions_at_once(guessi
     with service_thread(guessing_bundle / "server") as url:
         plain, no_guesses = run(url)
         assert no_guesses == [None] * len(plain), "no guesses where the step did not ask for them"
-        drafter = Guessed(costs=free_costs(), best_guess=best)
+        drafter = Guessed(costs=FreePositions(), best_guess=best)
         drafted, guesses = run(url, drafter)
         assert drafted == plain and drafter.guessed > 0
-        steps = list(drafter.costs.steps)[2:]  # after free_costs()'s own two
+        steps = list(drafter.costs.steps)
         assert steps and all(compute is not None for _, _, compute in steps), "the service says its run times"
         vocab = client.manifest.model.vocab_size
         assert all(0 <= token < vocab and 0 < chance < 1 for token, chance in filter(None, guesses)) and any(guesses)
         # Sessions stepping together (decode rows batched in one run) each get their own guesses and text.
         with ThreadPoolExecutor(8) as pool:
-            together = list(pool.map(lambda _: run(url, Guessed(costs=free_costs(), best_guess=best)), range(8)))
+            together = list(pool.map(lambda _: run(url, Guessed(costs=FreePositions(), best_guess=best)), range(8)))
     assert all(tokens == plain for tokens, _ in together)
