@@ -62,7 +62,7 @@ def write_lookahead(model: torch.nn.Module, answers: Sequence[Answer], calibrati
     row_of = {int(t): i for i, t in enumerate(shortlist)}
     everything = answers + calibration
     done = 0
-    for group in _same_prompt(everything):
+    for group in _same_prompt(answers) + _same_prompt(calibration):
         for answer, logits in zip(group, _shortlist_logits(model, group, rows, row_bias)):
             (fitted if done < len(answers) else calibrating).add(logits, answer.tokens, token_part, row_of, shortlist)
             done += 1
