@@ -121,10 +121,13 @@ class StepCosts:
     NEIGHBOURS = 8  # one-position steps this close to a drafted one (either side) are its baseline
 
     def __init__(self) -> None:
-        # (positions, seconds) of the recent decode steps. One window for both kinds, so both medians come from the
+        # (positions, seconds, compute) of the recent decode steps. One window for both kinds, so both come from the
         # same stretch of time: when the link or the tail gets slower or faster, neither lags the other.
-        self.steps: deque[tuple[int, float]] = deque(maxlen=self.WINDOW)
+        self.steps: deque[tuple[int, float, float | None]] = deque(maxlen=self.WINDOW)
         self.lock = threading.Lock()
+        # The share as last worked out, until the next step: the drafter asks several times a step (65 us each).
+        self._share: float | None = None
+        self._stale = True
 
     def observe(self, positions: int, seconds: float, compute: float | None = None) -> None:
         """A step of ``positions`` took ``seconds`` end to end, ``compute`` of them in the head's and the tail's runs
@@ -132,6 +135,7 @@ class StepCosts:
         if positions >= 1:
             with self.lock:
                 self.steps.append((positions, seconds, compute))
+                self._stale = True
 
     def measured_share(self) -> float | None:
         """An extra position's time over a one-position step's; None until a drafted step has one-position steps
@@ -145,7 +149,13 @@ class StepCosts:
         end-to-end times. What a position adds on the wire (~1 KB of fp16 hidden state) is then left out: a
         rounding error on any link faster than a few Mbit/s."""
         with self.lock:
+            if not self._stale:
+                return self._share
             steps = list(self.steps)
+            self._share, self._stale = self._worked_out(steps), False
+            return self._share
+
+    def _worked_out(self, steps: list[tuple[int, float, float | None]]) -> float | None:
         timed = all(compute is not None for _, _, compute in steps)
         cost = [compute if timed else seconds for _, seconds, compute in steps]
         singles = [seconds for positions, seconds, _ in steps if positions == 1]
