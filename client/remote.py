@@ -231,7 +231,7 @@ class RemoteTail:
                 raise ServiceError(f"the tail service sent the guess ({printable(str(token), 40)}, "
                                    f"{printable(str(chance), 40)}); expected a token id below {vocab} and a chance "
                                    "in [0, 1]")
-        return [(int(token), float(chance)) for token, chance in result.guesses]
+        return list(result.guesses)
 
     def send(self, frame: bytes, past_length: int, count: int, guess: bool = False) -> Reply:
         if self.session_id is None:

@@ -235,7 +235,8 @@ class PromptLookup:
         guessed: float | None = None
         if guess is not None:
             token, stated = guess
-            after, after_chances = self._table_chain([*history, token], limit - 1)
+            # The chain after the guess reads only the last pair: no copy of the whole conversation per token.
+            after, after_chances = self._table_chain([history[-1], token], limit - 1)
             first = self._guess_chance(stated)
             guess_count, guess_rate = self.costs.best(
                 [first, *(first * c for c in self.table_record.scaled(after_chances))])
