@@ -24,6 +24,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TypeVar
 
 import numpy as np
@@ -47,7 +48,9 @@ RETRYABLE_STATUS = {429, 502, 503, 504}
 FIRST_BACKOFF_S = 0.25
 MAX_BACKOFF_S = 4.0
 SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
-SERVER_TIMING = re.compile(r"\s*tail;dur=([0-9]{1,9}(?:\.[0-9]{1,6})?)\s*")  # what services/api.py writes
+# What services/api.py writes.
+_MS = r"([0-9]{1,9}(?:\.[0-9]{1,6})?)"
+SERVER_TIMING = re.compile(rf"\s*tail;dur={_MS}\s*(?:,\s*draft;dur={_MS}\s*)?")
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
 
@@ -91,6 +94,9 @@ class RemoteTail:
         self.min_length: int | None = None
         self.replays = 0
         self.compute_seconds: float | None = None  # the tail's run time for the latest step, as it reported it
+        self.draft_seconds: float | None = None  # of it, the tail's drafting, as it reported it
+        # The session whose latest answer had the tail's drafts: only it can tell which of them a step holds.
+        self.drafts_session: str | None = None
         # Called once, after this link's first answered step or when it closes (a spare waiting to open, say).
         self.after_first_step: list[Callable[[], None]] = []
 
@@ -137,15 +143,16 @@ class RemoteTail:
         self.session_id, self.max_length = opened.session_id, opened.max_length
         log.debug("opened session %s (%d positions)", self.session_id, self.max_length)
 
-    def step(self, hidden_states: np.ndarray, past_length: int, sample: bool = True, guess: bool = False
-             ) -> Choice | None:
-        choices = self._run(hidden_states, past_length, 1 if sample else 0, guess)
+    def step(self, hidden_states: np.ndarray, past_length: int, sample: bool = True, guess: bool = False,
+             draft: int = 0) -> Choice | None:
+        choices = self._run(hidden_states, past_length, 1 if sample else 0, guess, draft if sample else 0)
         return choices[0] if choices else None
 
-    def verify(self, hidden_states: np.ndarray, past_length: int, count: int, guess: bool = False) -> list[Choice]:
+    def verify(self, hidden_states: np.ndarray, past_length: int, count: int, guess: bool = False, draft: int = 0,
+               drafted: int = 0) -> list[Choice]:
         if not 1 <= count <= hidden_states.shape[1]:
             raise ValueError(f"cannot sample {count} of {hidden_states.shape[1]} positions")
-        return self._run(hidden_states, past_length, count, guess)
+        return self._run(hidden_states, past_length, count, guess, draft, drafted)
 
     def rollback(self, length: int) -> None:
         """Keep the first ``length`` positions: the frames kept for a replay are cut here at once, the service's
@@ -161,7 +168,8 @@ class RemoteTail:
         if self.chooser is not None:
             self.chooser.forget_from(length)
 
-    def _run(self, hidden_states: np.ndarray, past_length: int, count: int, guess: bool = False) -> list[Choice]:
+    def _run(self, hidden_states: np.ndarray, past_length: int, count: int, guess: bool = False, draft: int = 0,
+             drafted: int = 0) -> list[Choice]:
         if self.opening is not None:
             opening, self.opening = self.opening, None
             opening.wait()
@@ -169,9 +177,15 @@ class RemoteTail:
             raise ValueError(f"this conversation holds {self.length} positions, the step continues {past_length}")
         frame = wire.encode(hidden_states.astype(WIRE_DTYPE, copy=False))
         seq = hidden_states.shape[1]
-        reply = self.with_retries(lambda: self.send(frame, past_length, count, guess))
-        choices = self.read_step(reply, past_length + seq, count)
-        self.compute_seconds = tail_seconds(reply)
+        if self.chooser is not None:  # private output: the tail samples nothing, so it drafts nothing
+            draft = drafted = 0
+        drafts_session, self.drafts_session = self.drafts_session, None
+        reply = self.with_retries(lambda: self.send(frame, past_length, count, guess, draft,
+                                                    drafted if self.session_id == drafts_session else 0))
+        choices = self.read_step(reply, past_length + seq, count, draft)
+        if any(choice.drafts for choice in choices):
+            self.drafts_session = self.session_id
+        self.compute_seconds, self.draft_seconds = tail_seconds(reply)
         self.keep = None
         self.sent.append(frame)
         self.length += seq
@@ -182,7 +196,7 @@ class RemoteTail:
             self.history.add(choice.token, first + i)
         return choices
 
-    def read_step(self, reply: Reply, length: int, count: int) -> list[Choice]:
+    def read_step(self, reply: Reply, length: int, count: int, draft: int = 0) -> list[Choice]:
         """The step's answer, checked: a JSON step result, or in private-output mode a frame of the final hidden
         states of the ``count`` sampled positions (chosen here, with the client's own LM head)."""
         if self.chooser is not None and count:
@@ -215,8 +229,26 @@ class RemoteTail:
                                    f"vocabulary is 0..{vocab - 1}")
         top = [tuple(t) for t in result.top_logprobs]
         guesses = self.read_guesses(result, tokens)
-        return [Choice(token, logprob or 0.0, top if i == count - 1 else [], guess)
-                for i, (token, logprob, guess) in enumerate(zip(tokens, logprobs, guesses))]
+        choices = [Choice(token, logprob or 0.0, top if i == count - 1 else [], guess)
+                   for i, (token, logprob, guess) in enumerate(zip(tokens, logprobs, guesses))]
+        if result.drafts:
+            self.check_drafts(result, count, draft)
+            choices[result.drafts_after] = replace(choices[result.drafts_after], drafts=tuple(result.drafts))
+        return choices
+
+    def check_drafts(self, result: protocol.StepResult, count: int, asked: int) -> None:
+        """The tail's drafts, checked like tokens (a draft only ever costs a verified position: the tail samples it
+        like any other)."""
+        if len(result.drafts) > asked:
+            raise ServiceError(f"the tail service sent {len(result.drafts)} drafts; the step asked for {asked}")
+        if not 0 <= result.drafts_after < count:
+            raise ServiceError(f"the tail service sent drafts after token {printable(str(result.drafts_after), 40)} "
+                               f"of a step that sampled {count}")
+        vocab = self.bundle.manifest.model.vocab_size
+        bad = next((t for t in result.drafts if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ServiceError(f"the tail service sent the draft {printable(str(bad), 40)}; this model's vocabulary "
+                               f"is 0..{vocab - 1}")
 
     def read_guesses(self, result: protocol.StepResult, tokens: list[int]) -> list[tuple[int, float] | None]:
         """The look-ahead's guess after each token, checked like the tokens (a guess only ever costs a drafted
@@ -233,7 +265,8 @@ class RemoteTail:
                                    "in [0, 1]")
         return list(result.guesses)
 
-    def send(self, frame: bytes, past_length: int, count: int, guess: bool = False) -> Reply:
+    def send(self, frame: bytes, past_length: int, count: int, guess: bool = False, draft: int = 0,
+             drafted: int = 0) -> Reply:
         if self.session_id is None:
             self.replay()
         headers = {"Content-Type": wire.MEDIA_TYPE, protocol.PAST_LENGTH_HEADER: str(past_length),
@@ -242,6 +275,10 @@ class RemoteTail:
             headers[protocol.SAMPLE_COUNT_HEADER] = str(count)
         if guess and count:
             headers[protocol.GUESS_HEADER] = "1"
+        if draft and count:
+            headers[protocol.DRAFT_HEADER] = str(draft)
+        if drafted and count:
+            headers[protocol.DRAFTED_HEADER] = str(drafted)
         if self.keep is not None:
             headers[protocol.KEEP_LENGTH_HEADER] = str(self.keep)
         return self.request("POST", protocol.steps_path(self.session_id), frame, headers)
@@ -349,11 +386,14 @@ class RemoteTail:
         return traffic_report(self.traffic.snapshot())
 
 
-def tail_seconds(reply: Reply) -> float | None:
-    """The tail's run time for a step, from its ``Server-Timing: tail;dur=<ms>`` header; None where it is absent or
-    not in that form (it only sizes drafts: a wrong figure costs speed, never a token)."""
+def tail_seconds(reply: Reply) -> tuple[float | None, float | None]:
+    """The tail's run time for a step and its drafting time, from its ``Server-Timing: tail;dur=<ms>[,
+    draft;dur=<ms>]`` header; None where absent or not in that form (they only size drafts: a wrong figure costs
+    speed, never a token)."""
     match = SERVER_TIMING.fullmatch(reply.headers.get(protocol.SERVER_TIMING_HEADER.lower(), ""))
-    return float(match.group(1)) / 1000 if match else None
+    if not match:
+        return None, None
+    return float(match.group(1)) / 1000, None if match.group(2) is None else float(match.group(2)) / 1000
 
 
 def traffic_report(counts: tuple[int, int, int, int]) -> str:

@@ -21,6 +21,7 @@ from splitcore.graphs import HeadRunner, LmHeadRunner, TailRunner
 from splitcore.manifest import Bundle
 from splitcore.noise import BoundaryNoise
 from splitcore.sampling import SamplingParams
+from splitcore.tail_drafts import TailDrafter
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ class Split:
         self.head = HeadRunner(self.bundle, ["CPUExecutionProvider"], settings.intra_op_threads)
         self.noise = BoundaryNoise(settings.noise_sigma) if settings.noise_sigma > 0 else None
         self.local_tail = None
+        self.tail_drafter: TailDrafter | None = None  # the in-process tail's own drafts
         if local:
             server = find_bundle(settings.bundle, "server")
             if server.manifest_sha256 != self.bundle.manifest_sha256:
@@ -93,6 +95,8 @@ class Split:
                     "exports; point --bundle at one export output directory"
                 )
             self.local_tail = TailRunner(server, ["CPUExecutionProvider"], settings.intra_op_threads)
+            if settings.speculate and server.manifest.tail_drafts is not None:
+                self.tail_drafter = TailDrafter(server, ["CPUExecutionProvider"], settings.intra_op_threads)
 
     @property
     def remote(self) -> bool:
@@ -121,7 +125,7 @@ class Split:
         required = max_length
         max_length = max_length or self.context
         if self.local_tail is not None:
-            link: TailLink = LocalTail(self.local_tail, params, self.lm_head, max_length)
+            link: TailLink = LocalTail(self.local_tail, params, self.lm_head, max_length, self.tail_drafter)
         elif (spare := self._take_spare(params)) is not None:
             spare.min_length = required or 1
             link = spare
@@ -129,9 +133,13 @@ class Split:
             settings = self.settings.model_copy(update={"max_length": max_length})
             link = RemoteTail.open(self.bundle, settings, params, self.lm_head, self.http, self.traffic,
                                    background=True, min_length=required or 1)
-        lookahead = self.bundle.manifest.lookahead
+        manifest = self.bundle.manifest
+        lookahead = manifest.lookahead
+        # A remote tail drafts where its bundle lets it (the service may have the feature off: then it sends none).
+        tail_drafts = manifest.tail_drafts is not None and (self.remote or self.tail_drafter is not None)
         drafter = (PromptLookup(self.settings.max_draft, table=self.draft_table, costs=self.step_costs,
-                                best_guess=max(lookahead.chances) if lookahead is not None else None)
+                                best_guess=max(lookahead.chances) if lookahead is not None else None,
+                                tail_drafts=tail_drafts)
                    if self.settings.speculate else None)
         return SplitGenerator(self.head, link, self.settings.prefill_chunk, self.noise, drafter, max_length)
 

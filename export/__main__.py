@@ -27,6 +27,7 @@ from export.graph_builder import GRAPH_REVISION, GraphBuilder, graph_spec, save
 from export.lookahead import LOOKAHEAD_FILE, write_lookahead
 from export.matmul_weights import FLOAT_SCHEMES, QUANTIZED_SCHEMES, MatMulWeights
 from export.sources import accepted_models, load_model
+from export.tail_drafts import write_tail_drafts
 from export.validate import validate, validate_full
 from splitcore import names
 from splitcore.drafting import DraftTable
@@ -111,6 +112,9 @@ def up_to_date(out: Path, wanted: dict) -> bool:
         # So is a bundle from before the tail's look-ahead, which was fitted on the same samples.
         if (client.manifest.drafts is not None and client.manifest.output_mode == "logits"
                 and client.manifest.lookahead is None):
+            return False
+        # And one from before the tail drafted from its own samples.
+        if client.manifest.output_mode == "logits" and client.manifest.tail_drafts is None:
             return False
     except SplitError:
         return False
@@ -210,6 +214,11 @@ def run(args: argparse.Namespace) -> None:
             calibration = greedy_answers(model, loaded.tokenizer, tokenizer.eos_token_ids, max(longest, 8))
             lookahead = write_lookahead(model, answers, calibration, args.out / bundles.SERVER,
                                         progress=_progress("look-ahead"))
+    tail_drafts = None
+    for name in filter(None, (head.file, head.data_file)):  # what an earlier export drafted with
+        (args.out / bundles.SERVER / name).unlink(missing_ok=True)
+    if not args.private_output:  # the tail drafts from tokens it samples: a private-output tail samples none
+        tail_drafts = write_tail_drafts(loaded.tokenizer, head, args.out / bundles.CLIENT, args.out / bundles.SERVER)
     fields = dict(
         model=bundles.model_spec(model, loaded.model_id, loaded.source, loaded.revision),
         split_layer=args.split_layer,
@@ -221,7 +230,9 @@ def run(args: argparse.Namespace) -> None:
         tokenizer=tokenizer,
         drafts=drafts,
         lookahead=lookahead,
-        files=bundles.file_entries(args.out, head, tail, tokenizer, full, lm_head, drafts, lookahead),
+        tail_drafts=tail_drafts,
+        files=bundles.file_entries(args.out, head, tail, tokenizer, full, lm_head, drafts, lookahead,
+                                   tail_drafts is not None),
         tools=bundles.tool_versions(),
         export={"args": wanted, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
     )

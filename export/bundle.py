@@ -101,8 +101,12 @@ def write_tokenizer(tokenizer: PreTrainedTokenizerBase, generation_eos, client_d
 def file_entries(
     out: Path, head: GraphSpec, tail: GraphSpec, tokenizer: TokenizerSpec | None, full: GraphSpec | None = None,
     lm_head: GraphSpec | None = None, drafts: DraftTableSpec | None = None, lookahead: LookaheadSpec | None = None,
+    tail_drafts: bool = False,
 ) -> dict:
+    """Each file's hash, size and the bundles that hold it (``tail_drafts``: the head graph is in both)."""
     roles = {CLIENT: [head.file, head.data_file], SERVER: [tail.file, tail.data_file]}
+    if tail_drafts:
+        roles[SERVER] += [head.file, head.data_file]
     if lm_head is not None:
         roles[CLIENT] += [lm_head.file, lm_head.data_file]
     if drafts is not None:
@@ -117,7 +121,12 @@ def file_entries(
     for role, files in roles.items():
         for name in filter(None, files):
             path = out / role / name
-            entries[name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size, "roles": [role]}
+            entry = {"sha256": sha256_file(path), "bytes": path.stat().st_size, "roles": [role]}
+            if name in entries:  # one file in two bundles: the same bytes in each
+                if entries[name]["sha256"] != entry["sha256"]:
+                    raise ValueError(f"{name} differs between the bundles: {entries[name]['roles']} and {role}")
+                entry["roles"] = [*entries[name]["roles"], role]
+            entries[name] = entry
     return entries
 
 

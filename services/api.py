@@ -127,6 +127,10 @@ async def step(
     x_sample_count: Annotated[_count(1, MAX_SAMPLE_COUNT), Header(description="sample each of the last n positions")
                               ] = 1,
     x_guess: Annotated[_count(0, 1), Header(description="1: the look-ahead's guess after each sampled token")] = 0,
+    x_draft: Annotated[_count(0, protocol.MAX_DRAFTS), Header(
+        description="tokens the tail should draft after the step")] = 0,
+    x_drafted: Annotated[_count(0, protocol.MAX_DRAFTS), Header(
+        description="the step's positions after the first hold this many of the tail's latest drafts")] = 0,
 ):
     check_manifest(service, x_manifest_sha256)
     hidden = validate_hidden(decode_frame(await request.body()), service)
@@ -137,9 +141,11 @@ async def step(
     # Private-output bundles end before the final norm: no logits, no token here; the client samples.
     samples = x_sample_count if x_sample and x_return == "token" and not private else 0
     outcome = await service.engine.step(StepRequest(session_id, hidden, x_past_length, x_keep_length,
-                                                    x_sample_count, samples, bool(x_guess)))
-    headers = {protocol.PAST_LENGTH_HEADER: str(outcome.length),
-               protocol.SERVER_TIMING_HEADER: f"tail;dur={outcome.seconds * 1000:.3f}"}
+                                                    x_sample_count, samples, bool(x_guess), x_draft, x_drafted))
+    timing = f"tail;dur={(outcome.seconds - outcome.draft_seconds) * 1000:.3f}"
+    if outcome.drafts is not None:
+        timing += f", draft;dur={outcome.draft_seconds * 1000:.3f}"
+    headers = {protocol.PAST_LENGTH_HEADER: str(outcome.length), protocol.SERVER_TIMING_HEADER: timing}
     if x_return == "logits":
         logits = outcome.output[-1] if x_sample_count == 1 else outcome.output
         return Response(wire.encode(logits.astype(np.float32)), media_type=wire.MEDIA_TYPE, headers=headers)
@@ -156,6 +162,8 @@ async def step(
                   "tokens": [c.token for c in outcome.choices], "logprobs": [c.logprob for c in outcome.choices]}
         if last.guess is not None:
             result["guesses"] = [c.guess for c in outcome.choices]
+        if outcome.drafts is not None:
+            result["drafts"], result["drafts_after"] = outcome.drafts, outcome.drafts_after
     return Response(json.dumps(result).encode(), media_type="application/json", headers=headers)
 
 

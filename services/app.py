@@ -23,6 +23,7 @@ from splitcore import errors
 from splitcore.errors import ManifestError
 from splitcore.graphs import TailRunner
 from splitcore.manifest import Bundle, load_bundle
+from splitcore.tail_drafts import TailDrafter
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,10 @@ def load_service(settings: ServerSettings, bundle: Bundle | None = None,
         log.warning("max_kv_bytes %d holds %d slots of %d positions, not max_sessions %d", settings.max_kv_bytes,
                     slots, slot_length, settings.max_sessions)
     metrics = Metrics()
-    engine = Engine(tail, settings, metrics, slots, slot_length, clock)
+    drafter = None
+    if settings.tail_drafts and manifest.tail_drafts is not None:
+        drafter = TailDrafter(bundle, settings.providers or None, settings.intra_op_threads)
+    engine = Engine(tail, settings, metrics, slots, slot_length, clock, drafter)
     log.info("serving %s layers [%d, %d) from %s on %s (manifest %s): %d KV slots of %d positions, %.1f MiB each",
              manifest.model.id, *manifest.tail.layers, settings.bundle, tail.providers[0],
              bundle.manifest_sha256[:12], slots, slot_length, engine.pool.bytes_per_slot / 2**20)

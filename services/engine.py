@@ -40,6 +40,7 @@ from splitcore.errors import (
 )
 from splitcore.graphs import TailRunner
 from splitcore.sampling import Choice, History, Sampler, SamplingParams
+from splitcore.tail_drafts import TailDrafter
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ class StepRequest:
     keep: int  # outputs to answer with (the last ``keep`` positions)
     samples: int  # of those, how many to sample
     guesses: bool = False  # answer each sample with the look-ahead's guess at the token after it
+    draft: int = 0  # tokens the tail should draft after the step (X-Draft)
+    drafted: int = 0  # the step's positions after the first hold this many of the tail's latest drafts (X-Drafted)
 
 
 @dataclass
@@ -75,7 +78,10 @@ class StepOutcome:
     output: np.ndarray  # [keep, vocab or hidden]
     choices: list[Choice]
     length: int
-    seconds: float = 0.0  # the run that finished the step (its batch's, sampling included)
+    seconds: float = 0.0  # the run that finished the step (its batch's, sampling and drafting included)
+    drafts: list[int] | None = None  # the tail's drafts, after choices[drafts_after] (None: none asked for)
+    drafts_after: int = 0
+    draft_seconds: float = 0.0  # of ``seconds``, the drafting
 
 
 @dataclass(eq=False)
@@ -87,7 +93,7 @@ class _Command:
 
 class Engine:
     def __init__(self, tail: TailRunner, settings: ServerSettings, metrics: Metrics, slots: int, slot_length: int,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, drafter: TailDrafter | None = None) -> None:
         self.tail = tail
         self.settings = settings
         self.metrics = metrics
@@ -96,7 +102,7 @@ class Engine:
         self.table = SessionTable(self.pool, settings.session_ttl_s, settings.evict_idle_s, clock)
         self.scheduler = Scheduler(settings.max_batch, settings.prefill_chunk, time.monotonic,
                                    settings.max_prompt_share)
-        self.runner = ModelRunner(tail, self.pool)
+        self.runner = ModelRunner(tail, self.pool, drafter)
         self.vocab = tail.bundle.manifest.model.vocab_size
         self.default_max_length = min(settings.default_max_length or slot_length, slot_length)
         self.inbox: deque[_Command] = deque()
@@ -300,6 +306,9 @@ class Engine:
                 f"send the hidden states of positions {target} onwards"
             )
         seq = request.hidden.shape[1]
+        if request.drafted and not request.drafted + 1 == seq == request.samples:
+            raise InvalidRequest(f"a step holding {request.drafted} of the tail's drafts has {request.drafted + 1} "
+                                 f"positions and samples each; this one has {seq} and samples {request.samples}")
         if target + seq > session.max_length:
             raise LengthExceeded(f"maximum length exceeded: prefix {target} + current {seq} > {session.max_length}")
         if target < length:
@@ -310,8 +319,14 @@ class Engine:
             session.return_gap = gap if session.return_gap is None else (
                 RETURN_GAP_WEIGHT * gap + (1 - RETURN_GAP_WEIGHT) * session.return_gap)
         session.floor, session.busy = target, True
+        # The drafts answer this step only: a retry of it claims none, and gets no new ones (the tail cannot tell
+        # which of its samples is kept last).
+        drafted = session.drafts[: request.drafted] if request.drafted <= len(session.drafts) else []
+        session.drafts = []
         self.scheduler.add(Work(session, request.hidden, request.keep, request.samples, target, command.done,
-                                guesses=request.guesses))
+                                guesses=request.guesses,
+                                draft=request.draft if request.samples and self.runner.drafter is not None else 0,
+                                drafted=drafted))
 
     def _deliver(self, plan: Plan, elapsed: float) -> None:
         if plan.decode:
@@ -332,7 +347,9 @@ class Engine:
             self.metrics.positions.inc(work.seq)
             self.metrics.tokens.inc(len(work.choices))
             self.metrics.steps.observe(elapsed)
-            self._answer(work.done, StepOutcome(work.output, work.choices, self.table.length(session), elapsed))
+            self._answer(work.done, StepOutcome(work.output, work.choices, self.table.length(session), elapsed,
+                                                work.drafts if work.draft else None, work.drafts_after,
+                                                plan.draft_seconds))
 
     @staticmethod
     def _answer(future: asyncio.Future, result: object = None, exception: BaseException | None = None) -> None:

@@ -11,6 +11,7 @@ Only this thread touches the KV pool and the sessions' samplers while a step run
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -20,15 +21,17 @@ from splitcore.errors import InvalidRequest
 from splitcore.graphs import TailRunner
 from splitcore.kvpool import KVPool
 from splitcore.sampling import choose_batch
+from splitcore.tail_drafts import TailDrafter
 
 log = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, tail: TailRunner, pool: KVPool) -> None:
+    def __init__(self, tail: TailRunner, pool: KVPool, drafter: TailDrafter | None = None) -> None:
         self.tail = tail
         self.pool = pool
         self.lookahead = tail.lookahead
+        self.drafter = drafter
 
     def execute(self, plan: Plan) -> None:
         """Run ``plan``; each work ends with ``output`` (and ``choices``) or ``error``, never an exception here."""
@@ -51,6 +54,10 @@ class ModelRunner:
         self._sample(sampled)
         if self.lookahead is not None:
             self._guess([w for w in sampled if w.guesses and w.error is None])
+        if self.drafter is not None:
+            started = time.perf_counter()
+            self._draft([w for w in sampled if w.draft and w.error is None])
+            plan.draft_seconds = time.perf_counter() - started
 
     def _decode(self, works: list[Work]) -> None:
         hidden = np.concatenate([w.hidden for w in works], axis=0)
@@ -72,17 +79,19 @@ class ModelRunner:
             last = [j == w.samples - 1 for w in rows]
             samplers = [w.session.sampler for w in rows]
             histories = [sampler.penalized(w.session.history) for sampler, w in zip(samplers, rows)]
+            positions = [w.start + w.seq - w.samples + j for w in rows]
             try:
                 choices = choose_batch(logits, samplers, histories,
-                                       [w.session.top_logprobs if is_last else 0 for w, is_last in zip(rows, last)])
+                                       [w.session.top_logprobs if is_last else 0 for w, is_last in zip(rows, last)],
+                                       positions)
             except Exception as e:  # noqa: BLE001
                 log.exception("sampling %d rows failed", len(rows))
                 for w in rows:
                     w.error = e
                 return
-            for w, choice in zip(rows, choices):
+            for w, choice, position in zip(rows, choices, positions):
                 # The position the token was sampled from: a rollback to below it drops it from the history.
-                w.session.history.add(choice.token, w.start + w.seq - w.samples + j)
+                w.session.history.add(choice.token, position)
                 w.choices.append(choice)
 
     def _guess(self, works: list[Work]) -> None:
@@ -100,6 +109,29 @@ class ModelRunner:
             return
         for w in works:
             w.choices = [replace(c, guess=next(guesses)) for c in w.choices]
+
+    def _draft(self, works: list[Work]) -> None:
+        """The tail's drafts after each work's last kept token (splitcore/tail_drafts.py). Which token that is, the
+        tail knows where it knows every drafted position's token: a step of one sampled position, or one whose drafts
+        were its own (``drafted``). Drafting overwrites the KV of the step's rejected positions, which the client rolls
+        back with its next step (it finds the same ones rejected)."""
+        rows, drafting = [], []
+        for w in works:
+            found = self.drafter.row(w.session.slot, w.start + w.seq - w.samples, [c.token for c in w.choices],
+                                     w.drafted, w.seq, w.session.history, w.draft)
+            if found is not None:
+                row, w.drafts_after = found
+                rows.append(row)
+                drafting.append(w)
+        if not rows:
+            return
+        try:
+            drafts = self.drafter.draft(self.tail, self.pool, rows)
+        except Exception:  # noqa: BLE001 - drafts are an optimisation: the step's tokens stand without them
+            log.exception("drafting failed for %d rows", len(rows))
+            return
+        for w, tokens in zip(drafting, drafts):
+            w.drafts = w.session.drafts = tokens
 
 
 def _check_finite(work: Work) -> None:

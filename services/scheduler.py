@@ -51,10 +51,14 @@ class Work:
     start: int  # the session's length before the step
     done: asyncio.Future
     guesses: bool = False  # answer each sample with the look-ahead's guess at the token after it
+    draft: int = 0  # how many tokens the tail should draft after the step's last kept token (splitcore/tail_drafts.py)
+    drafted: list[int] = field(default_factory=list)  # the tail's latest drafts that the step's later positions hold
     offset: int = 0  # positions already run
     output: np.ndarray | None = None  # [keep, vocab or hidden] once the last chunk ran
     choices: list[Choice] = field(default_factory=list)
     error: BaseException | None = None
+    drafts: list[int] = field(default_factory=list)  # the tail's drafts, after choices[drafts_after]
+    drafts_after: int = 0
 
     @property
     def seq(self) -> int:
@@ -79,6 +83,7 @@ class Chunk:
 class Plan:
     decode: list[Work] = field(default_factory=list)
     chunks: list[Chunk] = field(default_factory=list)
+    draft_seconds: float = 0.0  # of the run, the tail's drafting (every work of the plan waited for it)
 
     @property
     def works(self) -> list[Work]:

@@ -35,6 +35,7 @@ class Session:
     open: bool = field(default=True)
     answered_at: float | None = None  # time.monotonic() of its latest answer
     return_gap: float | None = None  # how long its next step takes to arrive after an answer (moving average)
+    drafts: list[int] = field(default_factory=list)  # the tail's drafts in its latest answer
 
 
 class SessionTable:

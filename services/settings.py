@@ -31,6 +31,10 @@ class ServerSettings(BaseSettings):
         "every step launches its kernels one by one",
     )
 
+    tail_drafts: bool = Field(
+        True, description="draft the tokens after each sampled one with the head graph the server bundle carries "
+        "(splitcore/tail_drafts.py), for clients that ask; off: the head is not loaded and no step gets drafts",
+    )
     # KV memory: ``max_sessions`` slots of ``slot_length`` positions, reserved at start-up (see splitcore/kvpool.py).
     max_sessions: int = Field(64, ge=1, description="KV slots, i.e. sessions open at once")
     slot_length: int = Field(

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from splitcore.errors import ManifestError
+from splitcore.protocol import MAX_DRAFTS
 
 # Drafts rejected in a row per extra token of match a draft then needs.
 REJECTIONS_PER_TOKEN = 3
@@ -51,6 +52,16 @@ CALIBRATION_MEMORY = 0.98
 # on loopback) it halves the loss on the bench's chat (-4.1% -> -1.8-2.1%), and it leaves room for a cost that was
 # measured low. Guesses are asked for only while the best of them, so weighed, would pay.
 GUESS_MARGIN = 2.5
+# The tail's own drafts (splitcore/tail_drafts.py): the chance each is kept before this conversation has tried any
+# (SmolLM2's greedy chat answers: 99%; sampled answers keep fewer, and the record says so within a few steps).
+TAIL_PRIOR = 0.9
+# How many the client asks for before it has measured what one costs the tail.
+TAIL_PROBE = 4
+# Asks in a row answered without drafts after which the client stops asking (until TAIL_RETRY_STEPS).
+TAIL_UNANSWERED = 2
+# While the drafts do not pay at the measured costs, the client asks again (TAIL_PROBE of them) every this many
+# steps: the link and the tail's load change.
+TAIL_RETRY_STEPS = 64
 
 
 class DraftTable:
@@ -124,6 +135,7 @@ class StepCosts:
         # (positions, seconds, compute) of the recent decode steps. One window for both kinds, so both come from the
         # same stretch of time: when the link or the tail gets slower or faster, neither lags the other.
         self.steps: deque[tuple[int, float, float | None]] = deque(maxlen=self.WINDOW)
+        self.drafting: deque[float] = deque(maxlen=self.WINDOW)  # seconds per draft of the tail's (observe_drafts)
         self.lock = threading.Lock()
         # The share as last worked out, until the next step: the drafter asks several times a step (65 us each).
         self._share: float | None = None
@@ -170,6 +182,27 @@ class StepCosts:
             return None
         return max(statistics.median(extras), 0.0) / max(statistics.median(singles), 1e-6)
 
+    def observe_drafts(self, count: int, seconds: float) -> None:
+        """The tail took ``seconds`` to draft ``count`` tokens for a step."""
+        if count >= 1:
+            with self.lock:
+                self.drafting.append(seconds / count)
+
+    def draft_seconds(self) -> float | None:
+        """What one of the tail's drafts costs its step (median of the recent ones; None: none measured)."""
+        with self.lock:
+            return statistics.median(self.drafting) if self.drafting else None
+
+    def step_seconds(self) -> float | None:
+        """A one-position step's time end to end, its drafting left out: the recent steps', each counted as if it had
+        one position (the measured share per extra position taken off)."""
+        share = self.position_share()
+        with self.lock:
+            steps = list(self.steps)
+        if not steps:
+            return None
+        return statistics.median(seconds / (1 + share * (positions - 1)) for positions, seconds, _ in steps)
+
     def position_share(self) -> float:
         share = self.measured_share()
         return self.PRIOR_SHARE if share is None else share
@@ -196,7 +229,7 @@ class PromptLookup:
     sized to what verifying it costs here (``observe`` is told every decode step's positions and time)."""
 
     def __init__(self, max_draft: int = 8, max_ngram: int = 3, min_ngram: int = 1, table: DraftTable | None = None,
-                 costs: StepCosts | None = None, best_guess: float | None = None) -> None:
+                 costs: StepCosts | None = None, best_guess: float | None = None, tail_drafts: bool = False) -> None:
         if max_draft < 1 or not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need max_draft >= 1 and 1 <= min_ngram <= max_ngram, got {max_draft}, "
                              f"{min_ngram}, {max_ngram}")
@@ -210,23 +243,38 @@ class PromptLookup:
         # How the table's drafts, and the tail's guesses, fared in this conversation.
         self.table_record = Record()
         self.guess_record = Record()
+        # Whether the tail drafts (splitcore/tail_drafts.py), and how its drafts fared in this conversation.
+        self.tail_drafts = tail_drafts
+        self.tail_record = ChainRecord()
+        self.since_tail = 0  # steps since the tail was last asked for drafts
+        self.unanswered = 0  # asks in a row that got no drafts (a service with them off, or a tail without)
+        self.from_tail = 0  # the last proposal's drafts were the tail's: how many
         self.from_table = False  # the last proposal was weighed (table and/or guess), not looked up
         self._guessed: float | None = None  # the stated chance of the guess that led the last proposal
         self._chances: list[float] = []  # the table's chances for its part of the last proposal
 
-    def propose(self, history: Sequence[int], limit: int, guess: tuple[int, float] | None = None) -> list[int]:
+    def propose(self, history: Sequence[int], limit: int, guess: tuple[int, float] | None = None,
+                tail: Sequence[int] = ()) -> list[int]:
         """Up to ``limit`` tokens likely to follow ``history`` (from lookup: at most the current draft length);
-        [] when nothing matches or no draft is worth its cost. ``guess``: the tail's guess at the next token and
-        the chance it is right (splitcore/lookahead.py), drafted, with the table's chain after it, when that is
-        worth more than the table's chain alone."""
+        [] when nothing matches or no draft is worth its cost. ``tail``: the tail's own drafts after the last token
+        (splitcore/tail_drafts.py), sent first where there are any (``from_tail`` then says how many). ``guess``:
+        the tail's guess at the next token and the chance it is right (splitcore/lookahead.py), drafted, with the
+        table's chain after it, when that is worth more than the table's chain alone."""
         self.from_table = False
+        self.from_tail = 0
         self.table_record.forget()
         self.guess_record.forget()
+        self.tail_record.forget()
         if min(limit, self.max_draft) < 1 or len(history) < 2:
             return []
+        if tail:
+            self.from_tail = len(tail[: min(limit, self.max_draft)])
+            return list(tail[: self.from_tail])
         drafts = self._lookup(history, min(limit, self.length))
         if drafts:
             return drafts
+        if self.tail_count():  # a plain step that asks the tail for drafts beats the table's weaker ones
+            return []
         limit = min(limit, self.max_draft)
         tokens, chances = self._table_chain(history, limit)
         if not tokens and guess is None:  # most steps of open chat without a guess: nothing to weigh
@@ -247,6 +295,35 @@ class PromptLookup:
         self._chances = chances[: count - (guessed is not None)]
         return tokens[:count]
 
+    def tail_count(self) -> int:
+        """How many drafts to ask the tail for with the next step: as many as give the most expected tokens per
+        second of step, the tail's drafting time included (0: none pay; TAIL_PROBE until the cost is measured, and
+        again every TAIL_RETRY_STEPS steps while none pay)."""
+        if not self.tail_drafts:
+            return 0
+        if self.unanswered >= TAIL_UNANSWERED:
+            return TAIL_PROBE if self.since_tail >= TAIL_RETRY_STEPS else 0
+        each, step = self.costs.draft_seconds(), self.costs.step_seconds()
+        if each is None or step is None:
+            return TAIL_PROBE
+        share = self.costs.position_share() + each / max(step, 1e-6)
+        kept = self.tail_record.chance()
+        best, best_rate, expected = 0, 1.0, 1.0
+        for count in range(1, min(self.max_draft, MAX_DRAFTS) + 1):
+            expected += kept**count
+            rate = expected / (1.0 + share * count)
+            if rate > best_rate:
+                best, best_rate = count, rate
+        if best == 0 and self.since_tail >= TAIL_RETRY_STEPS:
+            return TAIL_PROBE
+        return best
+
+    def ask_tail(self, room: int) -> int:
+        """How many drafts the step about to go asks the tail for, at most ``room`` (``tail_count``)."""
+        count = max(0, min(self.tail_count(), room))
+        self.since_tail = 0 if count else self.since_tail + 1
+        return count
+
     def wants_guess(self) -> bool:
         """Whether to ask the tail for its guesses on the next step: only while the best one it can state, weighed as
         ``_guess_chance`` weighs it, pays for the position it costs, that cost as measured (lookup's and the table's
@@ -265,10 +342,16 @@ class PromptLookup:
     def _table_chain(self, history: Sequence[int], limit: int) -> tuple[list[int], list[float]]:
         return self.table.chain(history, limit) if self.table is not None and limit > 0 else ([], [])
 
-    def observe(self, positions: int, seconds: float, compute: float | None = None) -> None:
+    def observe(self, positions: int, seconds: float, compute: float | None = None, asked: int = 0,
+                drafting: float | None = None) -> None:
         """A decode step of ``positions`` positions (the last token and its drafts) took ``seconds``, ``compute``
-        of them in the head's and the tail's runs."""
+        of them in the head's and the tail's runs, and it asked the tail for ``asked`` drafts, which took it
+        ``drafting`` seconds on top (None: it made none)."""
         self.costs.observe(positions, seconds, compute)
+        if asked:
+            self.unanswered = 0 if drafting is not None else self.unanswered + 1
+            if drafting is not None:
+                self.costs.observe_drafts(asked, drafting)
 
     def _lookup(self, history: Sequence[int], limit: int) -> list[int]:
         # Vectorised: this runs once per generated token over the whole conversation (a Python scan cost 0.7 ms
@@ -288,7 +371,11 @@ class PromptLookup:
 
     def update(self, proposed: int, accepted: int) -> None:
         """Adapt the lookup draft's length, and the match a draft needs, to how the last draft fared; a table draft
-        adds to the table's record instead (its misses must not shorten the conversation's own drafts)."""
+        adds to the table's record instead (its misses must not shorten the conversation's own drafts), and the
+        tail's drafts to the tail's."""
+        if self.from_tail:
+            self.tail_record.add(accepted, proposed)
+            return
         if self.from_table:
             table_kept = accepted
             if self._guessed is not None:
@@ -324,3 +411,25 @@ class Record:
         """``chances`` as this conversation's record says they hold up (a prior of one kept of one expected)."""
         calibration = (self.kept + 1.0) / (self.expected + 1.0)
         return [min(c * calibration, 1.0) for c in chances]
+
+
+class ChainRecord:
+    """How a chain of drafts fared in a conversation, as the chance that each draft is kept given the ones before it
+    were: drafts are tried in order until the first rejected one. Starts from TAIL_PRIOR (weighed as PRIOR_TRIES
+    tries) and forgets like ``Record``."""
+
+    PRIOR_TRIES = 4.0
+
+    def __init__(self) -> None:
+        self.kept = self.tried = 0.0
+
+    def forget(self) -> None:
+        self.kept *= CALIBRATION_MEMORY
+        self.tried *= CALIBRATION_MEMORY
+
+    def add(self, kept: int, proposed: int) -> None:
+        self.kept += kept
+        self.tried += kept + (kept < proposed)  # the first rejected one was tried too; the rest were not
+
+    def chance(self) -> float:
+        return (self.kept + TAIL_PRIOR * self.PRIOR_TRIES) / (self.tried + self.PRIOR_TRIES)

@@ -18,6 +18,7 @@ from splitcore.errors import ManifestError
 from splitcore.graphs import HeadRunner, LmHeadRunner, TailRunner
 from splitcore.noise import BoundaryNoise
 from splitcore.sampling import Choice, History, Sampler, SamplingParams
+from splitcore.tail_drafts import TailDrafter
 
 
 class TailLink(Protocol):
@@ -27,16 +28,19 @@ class TailLink(Protocol):
     must refuse rather than guess. ``sample`` False (prefill chunks before the last) returns None.
     """
 
-    def step(self, hidden_states: np.ndarray, past_length: int, sample: bool = True, guess: bool = False
-             ) -> Choice | None:
+    def step(self, hidden_states: np.ndarray, past_length: int, sample: bool = True, guess: bool = False,
+             draft: int = 0) -> Choice | None:
         """``guess``: the choice carries the tail's guess at the token after it, where the tail has a look-ahead
-        (splitcore/lookahead.py)."""
+        (splitcore/lookahead.py). ``draft``: it carries up to that many of the tail's own drafts after it, where
+        the tail makes them (splitcore/tail_drafts.py)."""
         ...
 
-    def verify(self, hidden_states: np.ndarray, past_length: int, count: int, guess: bool = False) -> list[Choice]:
+    def verify(self, hidden_states: np.ndarray, past_length: int, count: int, guess: bool = False, draft: int = 0,
+               drafted: int = 0) -> list[Choice]:
         """Run the positions like ``step`` and sample each of the last ``count`` of them (speculative decoding:
         position i's sample is the token after the i-th of them); samples after a rejected one are discarded by the
-        caller through ``rollback``."""
+        caller through ``rollback``. ``drafted``: the positions after the first are that many of the tail's drafts
+        from the latest step, so the tail knows which sample is kept last and drafts after it (``draft``)."""
         ...
 
     def rollback(self, length: int) -> None:
@@ -44,9 +48,11 @@ class TailLink(Protocol):
         with its next step."""
         ...
 
-    # The tail's own run time for the latest step (None: not known), without the link's: what a drafted position
-    # costs is learned from it (splitcore/drafting.py StepCosts).
+    # The tail's own run time for the latest step (None: not known), without the link's and without its drafting:
+    # what a drafted position costs is learned from it (splitcore/drafting.py StepCosts).
     compute_seconds: float | None
+    # Of the latest step, the time the tail spent drafting (None: it made no drafts).
+    draft_seconds: float | None
 
     def close(self) -> None:
         """Release what the link holds (a remote session); closing twice is harmless."""
@@ -69,7 +75,7 @@ class TokenChooser:
     def choose(self, output: np.ndarray, position: int = -1) -> Choice:
         """``output``: one position's logits [vocab], or its final hidden state [hidden] with an LM head."""
         logits = output if self.lm_head is None else self.lm_head.forward(output[None, None, :])[0, 0]
-        choice = self.sampler.choose(logits, self.sampler.penalized(self.history))
+        choice = self.sampler.choose(logits, self.sampler.penalized(self.history), position=position)
         self.history.add(choice.token, position)
         return choice
 
@@ -82,7 +88,7 @@ class LocalTail:
     """The tail graph in this process, with its own KV cache; the next token is chosen by a ``TokenChooser``."""
 
     def __init__(self, runner: TailRunner, params: SamplingParams, lm_head: LmHeadRunner | None = None,
-                 max_length: int | None = None) -> None:
+                 max_length: int | None = None, drafter: TailDrafter | None = None) -> None:
         mode = runner.bundle.manifest.output_mode
         if (mode == "hidden") != (lm_head is not None):
             raise ManifestError(
@@ -92,23 +98,31 @@ class LocalTail:
         self.runner = runner
         self.cache = runner.new_cache(max_length)
         self.chooser = TokenChooser(params, lm_head)
+        # The tail's own drafts, where the bundle lets it make them (output mode "logits"), and the latest ones.
+        self.drafter = drafter if mode == "logits" else None
+        self.drafts: list[int] = []
         self.compute_seconds: float | None = None
+        self.draft_seconds: float | None = None
 
-    def step(self, hidden_states: np.ndarray, past_length: int, sample: bool = True, guess: bool = False
-             ) -> Choice | None:
+    def step(self, hidden_states: np.ndarray, past_length: int, sample: bool = True, guess: bool = False,
+             draft: int = 0) -> Choice | None:
         held = self.cache.length(0)
         if past_length != held:
             raise ValueError(f"tail has {held} positions cached, the step continues {past_length}")
         started = time.perf_counter()
         output = self.runner.forward(hidden_states, self.cache, logits_to_keep=1)
         if not sample:
+            self.drafts = []
             return None
-        choice = self.chooser.choose(output[0, -1], past_length + hidden_states.shape[1] - 1)
+        first = past_length + hidden_states.shape[1] - 1
+        choice = self.chooser.choose(output[0, -1], first)
         choice = self._guess(output[0], [choice])[0] if guess else choice
-        self.compute_seconds = time.perf_counter() - started
-        return choice
+        choices = self._draft([choice], first, hidden_states.shape[1], draft, 0)
+        self.compute_seconds = time.perf_counter() - started - (self.draft_seconds or 0.0)
+        return choices[0]
 
-    def verify(self, hidden_states: np.ndarray, past_length: int, count: int, guess: bool = False) -> list[Choice]:
+    def verify(self, hidden_states: np.ndarray, past_length: int, count: int, guess: bool = False, draft: int = 0,
+               drafted: int = 0) -> list[Choice]:
         held = self.cache.length(0)
         if past_length != held:
             raise ValueError(f"tail has {held} positions cached, the step continues {past_length}")
@@ -117,7 +131,24 @@ class LocalTail:
         first = past_length + hidden_states.shape[1] - count
         choices = [self.chooser.choose(output[i], first + i) for i in range(count)]
         choices = self._guess(output, choices) if guess else choices
-        self.compute_seconds = time.perf_counter() - started
+        choices = self._draft(choices, first, hidden_states.shape[1], draft, drafted)
+        self.compute_seconds = time.perf_counter() - started - (self.draft_seconds or 0.0)
+        return choices
+
+    def _draft(self, choices: list[Choice], first: int, seq: int, count: int, drafted: int) -> list[Choice]:
+        """The tail's drafts after the step's last kept choice, as the service makes them (services/runner.py)."""
+        claimed, self.drafts, self.draft_seconds = self.drafts[:drafted], [], None
+        if self.drafter is None or not count:
+            return choices
+        started = time.perf_counter()
+        found = self.drafter.row(0, first, [c.token for c in choices], claimed, seq, self.chooser.history, count)
+        if found is None:
+            return choices
+        row, kept = found
+        self.drafts = self.drafter.draft(self.runner, self.cache, [row])[0]
+        self.draft_seconds = time.perf_counter() - started
+        choices = list(choices)
+        choices[kept] = dataclasses.replace(choices[kept], drafts=tuple(self.drafts))
         return choices
 
     def _guess(self, logits: np.ndarray, choices: list[Choice]) -> list[Choice]:
@@ -162,14 +193,17 @@ class SplitGenerator:
         self.drafter = drafter
         self.verified_steps = self.drafted = self.accepted = 0
         self.head_seconds = 0.0  # the head's run time for the latest step
+        self.asked = 0  # drafts the latest step asked the tail for
         # Positions this conversation may hold (default: the model's); the KV buffer is reserved at this size.
         self.cache = head.new_cache(max_length)
         self.ids: list[int] = []
         self.pending: int | None = None
         self.finish_reason: str | None = None
 
-    def feed(self, ids: Sequence[int]) -> Choice:
-        """Run ``ids`` through the head in chunks and hand each chunk to the tail; the last chunk's choice wins."""
+    def feed(self, ids: Sequence[int], ask_tail: bool = True) -> Choice:
+        """Run ``ids`` through the head in chunks and hand each chunk to the tail; the last chunk's choice wins.
+        ``ask_tail``: the last chunk asks the tail for its drafts (a prompt's does not: the first token would wait for
+        them)."""
         if self.pending is not None:
             ids = [self.pending, *ids]
             self.pending = None
@@ -185,7 +219,8 @@ class SplitGenerator:
             if self.noise is not None:
                 hidden = self.noise(hidden)
             last = start + self.prefill_chunk >= len(ids)
-            choice = self.tail.step(hidden, past, sample=last, guess=last and self._wants_guess())
+            choice = self.tail.step(hidden, past, sample=last, guess=last and self._wants_guess(),
+                                    draft=self._tail_count(ask_tail) if last else 0)
             self.ids.extend(int(i) for i in chunk[0])
         assert choice is not None
         return choice
@@ -208,8 +243,9 @@ class SplitGenerator:
         """Feed ``token`` and the drafts as one chunk; returns the tail's samples and how many drafts they keep."""
         started = time.perf_counter()
         hidden, past = self._send([token, *drafts])
-        choices = self.tail.verify(hidden, past, len(drafts) + 1, guess=self._wants_guess())
-        self.drafter.observe(len(drafts) + 1, time.perf_counter() - started, self._compute_seconds())
+        choices = self.tail.verify(hidden, past, len(drafts) + 1, guess=self._wants_guess(),
+                                   draft=self._tail_count(bool(self.drafter.from_tail)), drafted=self.drafter.from_tail)
+        self._observe(len(drafts) + 1, started)
         accepted = 0
         while accepted < len(drafts) and choices[accepted].token == drafts[accepted]:
             accepted += 1
@@ -221,10 +257,20 @@ class SplitGenerator:
         self.accepted += accepted
         return choices, accepted
 
-    def _compute_seconds(self) -> float | None:
-        """The latest step's head and tail run times together, where the tail reported its own."""
-        tail = getattr(self.tail, "compute_seconds", None)  # a link that wraps another may not say
-        return None if tail is None else self.head_seconds + tail
+    def _observe(self, positions: int, started: float) -> None:
+        """Tell the drafter what the step just done cost: end to end and in the runs, the tail's drafting apart."""
+        drafting = getattr(self.tail, "draft_seconds", None)  # a link that wraps another may not say
+        tail = getattr(self.tail, "compute_seconds", None)
+        compute = None if tail is None else self.head_seconds + tail
+        self.drafter.observe(positions, time.perf_counter() - started - (drafting or 0.0), compute, self.asked,
+                             drafting)
+
+    def _tail_count(self, ask: bool = True) -> int:
+        """How many drafts the step about to go asks the tail for (0 without a drafter; 0 where the step holds the
+        client's own drafts, after which the tail cannot tell which of its samples is kept last)."""
+        room = self.cache.max_length - self.cache.length(0) - 2
+        self.asked = 0 if self.drafter is None else self.drafter.ask_tail(room if ask else 0)
+        return self.asked
 
     def _wants_guess(self) -> bool:
         return self.drafter is not None and self.drafter.wants_guess()
@@ -233,7 +279,7 @@ class SplitGenerator:
         if self.drafter is None:
             return []
         room = self.cache.max_length - self.cache.length(0) - 1
-        return self.drafter.propose([*self.ids, choice.token], min(limit, room), choice.guess)
+        return self.drafter.propose([*self.ids, choice.token], min(limit, room), choice.guess, choice.drafts)
 
     @property
     def held_ids(self) -> list[int]:
@@ -249,7 +295,7 @@ class SplitGenerator:
         self.finish_reason = "length"
         if max_new_tokens < 1:
             return
-        choice = self.feed(ids)
+        choice = self.feed(ids, ask_tail=False)
         produced = 0
         while True:
             if choice.token in stop_ids:
@@ -267,7 +313,7 @@ class SplitGenerator:
                 started = time.perf_counter()
                 choice = self.feed([choice.token])
                 if self.drafter is not None:
-                    self.drafter.observe(1, time.perf_counter() - started, self._compute_seconds())
+                    self._observe(1, started)
                 continue
             start = self.cache.length(0)
             choices, accepted = self._verify(choice.token, drafts)

@@ -117,6 +117,15 @@ class KVPool:
             raise ValueError(f"slot {slot} holds {self.lengths[slot]} positions, cannot keep {length}")
         self.lengths[slot] = length
 
+    def restore(self, slot: int, length: int) -> None:
+        """Set the slot back to the ``length`` positions it held before a ``truncate`` and the runs after it (the
+        tail's drafts, splitcore/tail_drafts.py): what those runs wrote below ``length`` stays, for positions the
+        client then rolls back."""
+        self._check(slot)
+        if not 0 <= length <= self.max_length:
+            raise ValueError(f"slot {slot} holds {self.lengths[slot]} positions, cannot restore {length}")
+        self.lengths[slot] = length
+
     def check_room(self, slot: int, new: int) -> None:
         held = int(self.lengths[slot])
         if held + new > self.max_length:

@@ -124,6 +124,16 @@ class LookaheadSpec(_Strict):
     chances: list[float]
 
 
+class TailDraftSpec(_Strict):
+    """The tail's own drafts (splitcore/tail_drafts.py): the server bundle carries the head graph too, and runs it over
+    the tokens it sampled itself (never the prompt, which it never sees) to draft the tokens after them."""
+
+    # The ids the model's chat template writes before an answer (or the BOS id, without a template): the head sees
+    # them before the answer's own tokens, in place of the prompt.
+    prefix: list[int]
+    window: int  # the most recent sampled tokens the head runs over for each draft
+
+
 class FileEntry(_Strict):
     sha256: str
     bytes: int
@@ -148,6 +158,8 @@ class Manifest(_Strict):
     drafts: DraftTableSpec | None = None
     # Optional guess at the token after each sampled one, made where the logits are (the tail, in output mode logits).
     lookahead: LookaheadSpec | None = None
+    # Optional drafts made by the tail from the tokens it sampled (output mode logits; the server bundle has the head).
+    tail_drafts: TailDraftSpec | None = None
     files: dict[str, FileEntry]
     validation: dict
     tools: dict[str, str]
@@ -180,6 +192,14 @@ class Manifest(_Strict):
                 )
             if self.lm_head.inputs[0].name != tail_out or self.lm_head.outputs[0].name != names.LOGITS:
                 raise ValueError(f"lm_head must map {tail_out!r} to {names.LOGITS!r}")
+        if self.tail_drafts is not None:
+            if self.output_mode != "logits":
+                raise ValueError("the tail drafts from tokens it samples: output_mode must be 'logits'")
+            if any("server" not in getattr(self.files.get(name), "roles", ())
+                   for name in filter(None, (self.head.file, self.head.data_file))):
+                raise ValueError("the tail drafts with the head graph: it must be among the server bundle's files")
+            if self.tail_drafts.window < 1 or not all(0 <= t < self.model.vocab_size for t in self.tail_drafts.prefix):
+                raise ValueError("tail_drafts needs a window >= 1 and prefix ids in the vocabulary")
         return self
 
     @property

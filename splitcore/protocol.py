@@ -20,8 +20,16 @@ SAMPLE_COUNT_HEADER = "X-Sample-Count"
 # X-Guess: 1 asks for the look-ahead's guess after each sampled token (``guesses``), where the bundle has one. Per
 # step, so a client asks only while a guess can pay for the position it costs (splitcore/drafting.py).
 GUESS_HEADER = "X-Guess"
-# Every step's answer says how long the tail's run took, as the W3C Server-Timing header (``tail;dur=<ms>``): the
-# client learns what a drafted position costs from it without the link's jitter (splitcore/drafting.py StepCosts).
+# X-Draft: n asks the tail to draft up to n tokens after the step's last kept token (``drafts``, following
+# ``tokens[drafts_after]``; splitcore/tail_drafts.py), where the bundle lets it. The tail can tell which token that is
+# when the step samples one position, or when X-Drafted: j says that the step's positions after the first hold the
+# first j of its latest answer's drafts (then X-Sample-Count must be j + 1).
+DRAFT_HEADER = "X-Draft"
+MAX_DRAFTS = 16  # the most drafts one step may ask for
+DRAFTED_HEADER = "X-Drafted"
+# Every step's answer says how long the tail's run took, as the W3C Server-Timing header (``tail;dur=<ms>``, and
+# ``draft;dur=<ms>`` for the drafting in it): the client learns what a drafted position costs from it without the
+# link's jitter (splitcore/drafting.py StepCosts).
 SERVER_TIMING_HEADER = "Server-Timing"
 # A random key per conversation, sent on every request including the open: a load balancer that hashes on it
 # (k8s/optional/ingress-nginx.yaml) sends a conversation's steps to the replica that holds its KV cache. The
@@ -90,6 +98,8 @@ class StepResult(_Body):
     guesses: list[tuple[int, float]] = Field(
         default_factory=list, description="for each token of ``tokens`` (when the step asked for guesses): the "
         "tail's guess at the token after it and the chance that guess is right")
+    drafts: list[int] = Field(default_factory=list, description="the tail's drafts (when the step asked for them)")
+    drafts_after: int = Field(0, description="the index in ``tokens`` of the token the drafts follow")
 
 
 ReturnKind = Literal["token", "logits"]

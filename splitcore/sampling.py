@@ -4,12 +4,19 @@
 with its own parameters, RNG and history); ``Sampler.choose`` is the same code for one row, so a client that samples
 on its own machine (private-output mode) and the service pick identical tokens for the same logits and seed.
 
+A sampled position's random number is a function of the seed and the position alone (``Sampler.draw``), not of how
+many were drawn before: speculation samples positions that a rejected draft then discards, and samples them again
+later, so a draw that advanced a stream would give a seeded conversation a different text with every pattern of
+drafts (which depends on the machine's timing). Keyed by position, a seed gives the same text with speculation on or
+off, and each position's token is still a draw from its distribution, independent of the others.
+
 Numerics: scores are shifted by their maximum before dividing by the temperature, so any temperature > 0 (even
 1e-308) is finite; log-probabilities of tokens a truncation removed are never reported (they would be -inf).
 """
 
 from __future__ import annotations
 
+import secrets
 import threading
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -17,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+_MASK = 2**64 - 1
 # top-p looks at this many best candidates first and sorts the whole vocabulary only when they hold too little mass.
 TOP_P_CANDIDATES = 1024
 
@@ -59,18 +67,34 @@ class Choice:
     top: list[tuple[int, float]]
     # The tail's look-ahead (splitcore/lookahead.py): its guess at the token after this one, and the chance it is right.
     guess: tuple[int, float] | None = None
+    # The tail's own drafts after this token (splitcore/tail_drafts.py), where it made some.
+    drafts: tuple[int, ...] = ()
 
 
 class Sampler:
-    """One sequence's parameters and RNG. Deterministic for a given seed and the same sequence of logits."""
+    """One sequence's parameters and random numbers. Deterministic for a given seed and the same logits at the same
+    positions."""
 
     def __init__(self, params: SamplingParams) -> None:
         self.params = params
-        self.rng = np.random.default_rng(params.seed)
+        self.key = params.seed if params.seed is not None else secrets.randbits(63)
+        self.unpositioned = 0  # draws asked for without a position, numbered on their own
 
-    def choose(self, logits: np.ndarray, history: Sequence[int] = (), top_logprobs: int = 0) -> Choice:
-        """``logits`` [vocab]; ``history``: tokens the repetition penalty demotes."""
-        return choose_batch([np.asarray(logits)], [self], [history], [top_logprobs])[0]
+    def draw(self, position: int | None = None) -> float:
+        """A number in [0, 1) for the sample taken at ``position``: SplitMix64 of the key and the position (None or
+        negative: the next of a separate numbered series)."""
+        if position is None or position < 0:
+            self.unpositioned += 1
+            position = -self.unpositioned
+        z = (self.key * 0x9E3779B97F4A7C15 + (position & _MASK) * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & _MASK
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+        return ((z ^ (z >> 31)) >> 11) * 2.0**-53
+
+    def choose(self, logits: np.ndarray, history: Sequence[int] = (), top_logprobs: int = 0,
+               position: int | None = None) -> Choice:
+        """``logits`` [vocab]; ``history``: tokens the repetition penalty demotes; ``position``: where it is sampled."""
+        return choose_batch([np.asarray(logits)], [self], [history], [top_logprobs], [position])[0]
 
     def penalized(self, history: History) -> np.ndarray | tuple:
         """The tokens of ``history`` the repetition penalty looks at: none without a penalty (not worth collecting
@@ -79,9 +103,10 @@ class Sampler:
 
 
 def choose_batch(logits: np.ndarray | Sequence[np.ndarray], samplers: Sequence[Sampler],
-                 histories: Sequence[Sequence[int] | np.ndarray], top_logprobs: Sequence[int]) -> list[Choice]:
+                 histories: Sequence[Sequence[int] | np.ndarray], top_logprobs: Sequence[int],
+                 positions: Sequence[int | None] | None = None) -> list[Choice]:
     """One choice per row of ``logits`` ([rows, vocab], or a sequence of [vocab] rows), row i with ``samplers[i]``,
-    ``histories[i]``, ...
+    ``histories[i]``, sampled at ``positions[i]`` (``Sampler.draw``), ...
 
     Vectorised over rows where the work is per element (penalty-free scaling, normalisers, greedy argmax); the
     per-row parts (truncation, the draw from each row's own RNG) touch one row each. The work happens in two float32
@@ -113,7 +138,8 @@ def choose_batch(logits: np.ndarray | Sequence[np.ndarray], samplers: Sequence[S
     norm = np.log(weights.sum(axis=1, dtype=np.float64))
     for row in np.flatnonzero(sampled):
         cdf = np.cumsum(weights[row], dtype=np.float64)
-        tokens[row] = min(int(np.searchsorted(cdf, samplers[row].rng.random() * cdf[-1], side="right")), vocab - 1)
+        draw = samplers[row].draw(None if positions is None else positions[row])
+        tokens[row] = min(int(np.searchsorted(cdf, draw * cdf[-1], side="right")), vocab - 1)
     choices = []
     for row in range(rows):
         token = int(tokens[row])
@@ -150,6 +176,18 @@ class History:
     def rollback(self, length: int) -> None:
         while self.entries and self.entries[-1][1] >= length:
             self.entries.pop()
+
+    def latest_run(self, limit: int) -> list[int]:
+        """Up to ``limit`` of the latest tokens, back to the first gap in their positions (a turn's prompt in between:
+        the tail's drafts read the current answer, splitcore/tail_drafts.py). Tokens given up front continue a run."""
+        run: list[int] = []
+        following = None
+        for token, position in reversed(self.entries):
+            if len(run) == limit or (following is not None and position not in (following - 1, -1)):
+                break
+            run.append(token)
+            following = position if position >= 0 else following
+        return run[::-1]
 
     def tokens(self) -> np.ndarray:
         return np.fromiter((t for t, _ in self.entries), dtype=np.int64, count=len(self.entries))

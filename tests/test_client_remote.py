@@ -71,6 +71,13 @@ GARBAGE = [
                                          {"Content-Type": "application/json"}), "guesses"),
     ("more guesses than tokens", Answer.json({"token": 1, "length": 1, "guesses": [[2, 0.5], [3, 0.5]]}),
      "2 guesses for 1 tokens"),
+    ("more drafts than asked for", Answer.json({"token": 1, "length": 1, "drafts": [2, 3, 4]}),
+     "sent 3 drafts; the step asked for 2"),
+    ("draft past vocab", Answer.json({"token": 1, "length": 1, "drafts": [VOCAB]}), f"the draft {VOCAB}"),
+    ("negative draft", Answer.json({"token": 1, "length": 1, "drafts": [-1]}), "the draft -1"),
+    ("draft not an id", Answer.json({"token": 1, "length": 1, "drafts": ["5"]}), "drafts"),
+    ("drafts after no token", Answer.json({"token": 1, "length": 1, "drafts": [2], "drafts_after": 1}),
+     "drafts after token 1 of a step that sampled 1"),
     ("redirect", Answer(302, headers={"Location": "http://elsewhere/"}), "redirected"),
     ("temporary redirect", Answer(307, headers={"Location": "/v2"}), "does not follow redirects"),
     ("huge declared body", Answer(200, b"{}", {"Content-Length": str(1 << 40)}), "declares"),
@@ -86,7 +93,7 @@ def test_a_bad_step_answer_is_one_clear_error_without_retries(tail, answer, expe
     tail.step = lambda request, length: answer
     started = time.monotonic()
     with pytest.raises(ServiceError) as error:
-        remote.step(hidden(), 0)
+        remote.step(hidden(), 0, draft=2)
     message = str(error.value)
     assert expected in message and "\n" not in message and "\x1b" not in message, message
     assert time.monotonic() - started < 5

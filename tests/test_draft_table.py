@@ -239,8 +239,8 @@ def test_greedy_output_with_table_drafts_equals_one_token_per_step(drafted_bundl
     class Counting(PromptLookup):
         from_table_proposals = guessed_proposals = 0
 
-        def propose(self, history, limit, guess=None):
-            drafts = super().propose(history, limit, guess)
+        def propose(self, history, limit, guess=None, tail=()):
+            drafts = super().propose(history, limit, guess, tail)
             self.from_table_proposals += self.from_table
             self.guessed_proposals += self._guessed is not None and self.from_table
             return drafts

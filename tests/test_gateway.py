@@ -56,7 +56,9 @@ def tail_url(out: Path) -> Iterator[str]:
     # The service reserves 2048 positions for clients that do not say (as `python -m client` does not); the tiny
     # model has fewer, and the service refuses to reserve more than the model has.
     positions = load_bundle(out / "server", "server").manifest.model.max_position_embeddings
-    settings = ServerSettings(bundle=out / "server", default_max_length=positions)
+    # Without the tail's drafts: a step that verifies them runs more positions than the conversation adds, and
+    # test_second_turn_sends_only_new_tokens counts positions (tests/test_tail_drafts.py covers the drafts).
+    settings = ServerSettings(bundle=out / "server", default_max_length=positions, tail_drafts=False)
     with serve_app(lambda port: create_tail_service(settings.model_copy(update={"port": port})), "/readyz") as url:
         yield url
 

@@ -124,8 +124,8 @@ def test_no_lookahead_without_draft_tokens_or_for_a_private_output_tail(tmp_path
 class Guessed(PromptLookup):
     guessed = 0
 
-    def propose(self, history, limit, guess=None):
-        drafts = super().propose(history, limit, guess)
+    def propose(self, history, limit, guess=None, tail=()):
+        drafts = super().propose(history, limit, guess, tail)
         self.guessed += self.from_table and self._guessed is not None
         return drafts
 

@@ -23,8 +23,11 @@ def test_client_and_server_share_one_manifest(export_bundle):
     out = export_bundle(TINY, 2)
     client, server = load_bundle(out / "client", "client"), load_bundle(out / "server", "server")
     assert client.manifest_sha256 == server.manifest_sha256
-    assert not (out / "server" / "head.onnx").exists() and not (out / "server" / "tokenizer.json").exists()
-    assert not (out / "client" / "tail.onnx").exists()
+    assert not (out / "server" / "tokenizer.json").exists() and not (out / "client" / "tail.onnx").exists()
+    # The head is in both: the tail drafts with it (splitcore/tail_drafts.py); the same bytes, one manifest entry.
+    assert server.manifest.tail_drafts is not None
+    assert (out / "server" / "head.onnx").read_bytes() == (out / "client" / "head.onnx").read_bytes()
+    assert client.manifest.files["head.onnx"].roles == ["client", "server"]
     m = client.manifest
     assert m.tail.past[0] == ("past_key_values.2.key", "past_key_values.2.value")
     assert m.validation["status"] == "passed" and m.validation["logits_max_abs_diff"] <= m.validation["atol"] * 10

@@ -19,9 +19,9 @@ class RecordingTail:
     def __init__(self, tail: LocalTail) -> None:
         self.tail, self.sent = tail, []
 
-    def step(self, hidden_states, past_length, sample=True, guess=False):
+    def step(self, hidden_states, past_length, sample=True, guess=False, draft=0):
         self.sent.append(hidden_states.copy())
-        return self.tail.step(hidden_states, past_length, sample, guess)
+        return self.tail.step(hidden_states, past_length, sample, guess, draft)
 
 
 def run(export_bundle, noise, prompt=tuple(range(30, 45))):

@@ -26,6 +26,8 @@ def test_manifest_announces_hidden_mode_and_client_lm_head(export_bundle):
     assert m.lm_head.outputs[0].shape[-1] == m.model.vocab_size
     assert m.files["lm_head.onnx"].roles == ["client"]
     assert not (server.root / "lm_head.onnx").exists()
+    # It samples nothing, so it drafts nothing: no head beside the tail.
+    assert m.tail_drafts is None and not (server.root / "head.onnx").exists()
     assert server.manifest_sha256 == client.manifest_sha256
 
 

@@ -78,6 +78,10 @@ def bad_steps(size: int, sha: str):
         "sample 2": (good, 0, sha, {"Sample": 2}, 422, "x-sample"),
         "guess 2": (good, 0, sha, {"Guess": 2}, 422, "x-guess"),
         "guess yes": (good, 0, sha, {"Guess": "yes"}, 422, "x-guess"),
+        "draft 17": (good, 0, sha, {"Draft": 17}, 422, "x-draft"),
+        "draft -1": (good, 0, sha, {"Draft": -1}, 422, "x-draft"),
+        "drafted huge": (good, 0, sha, {"Drafted": 2**70}, 422, "x-drafted"),
+        "drafted without its positions": (good, 0, sha, {"Drafted": 1}, 422, "holding 1 of the tail's drafts has 2"),
         "unknown return": (good, 0, sha, {"Return": "everything"}, 422, "x-return"),
     }
 
@@ -255,11 +259,11 @@ def test_random_bad_input_is_always_4xx_and_a_bystander_gets_its_solo_tokens(tin
         def __init__(self, link) -> None:
             self.link = link
 
-        def step(self, hidden, past, sample=True, guess=False):
+        def step(self, hidden, past, sample=True, guess=False, draft=0):
             burst = [hostile_requests(rng, service, "", sha, size) for _ in range(4)]
             with ThreadPoolExecutor(4) as pool:
                 answers.extend(zip(burst, pool.map(lambda r: fire(service, sha, size, r), burst)))
-            return self.link.step(hidden, past, sample, guess)
+            return self.link.step(hidden, past, sample, guess, draft)
 
         def close(self) -> None:
             self.link.close()
