@@ -5,7 +5,8 @@ answer) and format. The loop task alone applies commands, between runs: a sessio
 answered 404, a step is checked against the session's positions at the moment it is accepted, and nothing changes
 a slot while the worker thread runs on it. Runs never overlap (one worker thread); on a CPU a lone session's decode
 step runs on the loop itself, since nobody else waits and a thread hop is pure cost (prompts, which can take
-seconds, always go to the worker, so /healthz keeps answering). A GPU tail runs every step on the worker thread,
+seconds, and steps that ask for the tail's drafts, a run per draft, always go to the worker, so /healthz keeps
+answering). A GPU tail runs every step on the worker thread,
 where its CUDA graphs were captured at start (splitcore/cudagraphs.py).
 
 A watchdog (a done-callback on the loop and sweep tasks) turns an unexpected end of either into ``failed``: /healthz
@@ -196,9 +197,10 @@ class Engine:
                 continue
             started = time.perf_counter()
             self.running = plan
-            if len(self.table.sessions) == 1 and not plan.chunks and self.tail.graphs is None:
+            if (len(self.table.sessions) == 1 and not plan.chunks and self.tail.graphs is None
+                    and not any(work.draft for work in plan.decode)):
                 # One decode row on the CPU: short, and nobody else waits for the loop. (A GPU tail's CUDA graphs
-                # belong to the worker thread that captured them.)
+                # belong to the worker thread that captured them; drafts are a run each.)
                 self.runner.execute(plan)
             else:
                 await asyncio.get_running_loop().run_in_executor(self.worker, self.runner.execute, plan)
@@ -346,6 +348,7 @@ class Engine:
                 continue
             self.metrics.positions.inc(work.seq)
             self.metrics.tokens.inc(len(work.choices))
+            self.metrics.drafts.inc(len(work.drafts))
             self.metrics.steps.observe(elapsed)
             self._answer(work.done, StepOutcome(work.output, work.choices, self.table.length(session), elapsed,
                                                 work.drafts if work.draft else None, work.drafts_after,

@@ -17,6 +17,8 @@ class Metrics:
         self.positions = Counter("split_positions_processed", "Positions run through the tail",
                                  registry=self.registry)
         self.tokens = Counter("split_tokens_sampled", "Tokens sampled and returned", registry=self.registry)
+        self.drafts = Counter("split_tail_drafts", "Tokens the tail drafted for clients (splitcore/tail_drafts.py)",
+                              registry=self.registry)
         self.steps = Histogram(
             "split_step_seconds", "Tail step latency (graph run + sampling)", registry=self.registry,
             buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10),

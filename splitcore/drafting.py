@@ -16,6 +16,13 @@ a 2-core CPU adds 2.6 ms per drafted position: 5% of a step at 30 ms RTT, ~20% o
 to nothing), so it is learned from the client's recent steps (StepCosts). The table's counted chances are scaled by
 how its drafts actually fared in this conversation, an estimate that forgets slowly so a table that was wrong for a
 while is tried again.
+
+Where the tail samples, it drafts best of all (splitcore/tail_drafts.py: the model itself, run on from the answer's
+latest tokens; 99% kept on SmolLM2's greedy chat). Those drafts come with a step's answer, go first in the next
+step, and cost the tail a decode run each, so the client asks for as many as maximise expected tokens per second at
+the measured costs (a round trip of 30 ms: 8; a CPU tail on loopback, where a draft costs about the step it saves:
+none), with the chance per draft learned in the conversation (``ChainRecord``). While it asks, the table's weaker
+drafts stay home: a step carrying them would leave the tail unable to tell which sample it should draft after.
 """
 
 from __future__ import annotations
@@ -59,8 +66,8 @@ TAIL_PRIOR = 0.9
 TAIL_PROBE = 4
 # Asks in a row answered without drafts after which the client stops asking (until TAIL_RETRY_STEPS).
 TAIL_UNANSWERED = 2
-# While the drafts do not pay at the measured costs, the client asks again (TAIL_PROBE of them) every this many
-# steps: the link and the tail's load change.
+# While the drafts do not pay at the measured costs, the client asks for one again every this many steps (the link
+# and the tail's load change; one draft costs the tail about a step, 1/64 of the time).
 TAIL_RETRY_STEPS = 64
 
 
@@ -140,6 +147,7 @@ class StepCosts:
         # The share as last worked out, until the next step: the drafter asks several times a step (65 us each).
         self._share: float | None = None
         self._stale = True
+        self._times: tuple[float | None, float | None] | None = None  # _worked_times, until the next step
 
     def observe(self, positions: int, seconds: float, compute: float | None = None) -> None:
         """A step of ``positions`` took ``seconds`` end to end, ``compute`` of them in the head's and the tail's runs
@@ -148,6 +156,7 @@ class StepCosts:
             with self.lock:
                 self.steps.append((positions, seconds, compute))
                 self._stale = True
+                self._times = None
 
     def measured_share(self) -> float | None:
         """An extra position's time over a one-position step's; None until a drafted step has one-position steps
@@ -187,21 +196,27 @@ class StepCosts:
         if count >= 1:
             with self.lock:
                 self.drafting.append(seconds / count)
+                self._times = None
 
     def draft_seconds(self) -> float | None:
         """What one of the tail's drafts costs its step (median of the recent ones; None: none measured)."""
-        with self.lock:
-            return statistics.median(self.drafting) if self.drafting else None
+        return self._worked_times()[0]
 
     def step_seconds(self) -> float | None:
         """A one-position step's time end to end, its drafting left out: the recent steps', each counted as if it had
         one position (the measured share per extra position taken off)."""
+        return self._worked_times()[1]
+
+    def _worked_times(self) -> tuple[float | None, float | None]:
+        """(draft_seconds, step_seconds), worked out once per step like the share."""
         share = self.position_share()
         with self.lock:
-            steps = list(self.steps)
-        if not steps:
-            return None
-        return statistics.median(seconds / (1 + share * (positions - 1)) for positions, seconds, _ in steps)
+            if self._times is None:
+                drafting = statistics.median(self.drafting) if self.drafting else None
+                singles = [seconds / (1 + share * (positions - 1)) for positions, seconds, _ in self.steps]
+                step = statistics.median(singles) if singles else None
+                self._times = (drafting, step)
+            return self._times
 
     def position_share(self) -> float:
         share = self.measured_share()
@@ -297,12 +312,12 @@ class PromptLookup:
 
     def tail_count(self) -> int:
         """How many drafts to ask the tail for with the next step: as many as give the most expected tokens per
-        second of step, the tail's drafting time included (0: none pay; TAIL_PROBE until the cost is measured, and
-        again every TAIL_RETRY_STEPS steps while none pay)."""
+        second of step, the tail's drafting time included (0: none pay; TAIL_PROBE until the cost is measured; one
+        every TAIL_RETRY_STEPS steps while none pay)."""
         if not self.tail_drafts:
             return 0
         if self.unanswered >= TAIL_UNANSWERED:
-            return TAIL_PROBE if self.since_tail >= TAIL_RETRY_STEPS else 0
+            return 1 if self.since_tail >= TAIL_RETRY_STEPS else 0
         each, step = self.costs.draft_seconds(), self.costs.step_seconds()
         if each is None or step is None:
             return TAIL_PROBE
@@ -315,7 +330,7 @@ class PromptLookup:
             if rate > best_rate:
                 best, best_rate = count, rate
         if best == 0 and self.since_tail >= TAIL_RETRY_STEPS:
-            return TAIL_PROBE
+            return 1
         return best
 
     def ask_tail(self, room: int) -> int:

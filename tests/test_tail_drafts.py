@@ -3,6 +3,7 @@ what the model saw, slots left as they were, a client that asks only while they 
 
 from __future__ import annotations
 
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -103,7 +104,7 @@ def test_the_client_asks_for_as_many_drafts_as_pay():
     assert drafter.tail_count() == 0
     for _ in range(TAIL_RETRY_STEPS):
         drafter.ask_tail(16)
-    assert drafter.tail_count() == TAIL_PROBE, "asked again now and then: links and loads change"
+    assert drafter.tail_count() == 1, "asked again now and then (one draft): links and loads change"
     missing = PromptLookup(costs=slow_link, tail_drafts=True)
     missing.observe(1, 0.03, None, 4, None), missing.observe(1, 0.03, None, 4, None)
     assert missing.tail_count() == 0, "a service with drafts off answers none: stop asking"
@@ -147,6 +148,8 @@ def test_the_service_drafts_when_asked_and_knows_which_of_its_drafts_a_step_kept
         third = step(url, sid, sha, head.forward(np.array([ids]), cache), past + kept + 1,
                      Keep_Length=past + kept + 1, Draft=2, Drafted=3, Sample_Count=4)
         assert third.status_code == 200 and third.json()["drafts"] == [] and len(third.json()["tokens"]) == 4
+        drafted = re.search(r"^split_tail_drafts_total (\S+)$", httpx.get(f"{url}/metrics").text, re.M)
+        assert drafted is not None and float(drafted.group(1)) == 5, "3 drafts, then 2, then none"
 
 
 @pytest.mark.slow
