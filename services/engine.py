@@ -321,13 +321,16 @@ class Engine:
             session.return_gap = gap if session.return_gap is None else (
                 RETURN_GAP_WEIGHT * gap + (1 - RETURN_GAP_WEIGHT) * session.return_gap)
         session.floor, session.busy = target, True
-        # The drafts answer this step only: a retry of it claims none, and gets no new ones (the tail cannot tell
-        # which of its samples is kept last).
-        drafted = session.drafts[: request.drafted] if request.drafted <= len(session.drafts) else []
-        session.drafts = []
+        # The drafts answer only the step that starts where they follow on (at the last kept token's position: the
+        # client rolled back to it). A retried step whose first try already drafted again, or a claim of more than
+        # the tail holds, gets no new drafts: the tail cannot tell which of its samples is kept last.
+        claimed = request.drafted <= len(session.drafts) and target == session.drafts_at
+        drafted = session.drafts[: request.drafted] if claimed else []
+        session.drafts, session.drafts_at = [], -1
         self.scheduler.add(Work(session, request.hidden, request.keep, request.samples, target, command.done,
                                 guesses=request.guesses,
-                                draft=request.draft if request.samples and self.runner.drafter is not None else 0,
+                                draft=(min(request.draft, self.settings.max_drafts)
+                                       if request.samples and self.runner.drafter is not None else 0),
                                 drafted=drafted))
 
     def _deliver(self, plan: Plan, elapsed: float) -> None:
@@ -352,7 +355,7 @@ class Engine:
             self.metrics.steps.observe(elapsed)
             self._answer(work.done, StepOutcome(work.output, work.choices, self.table.length(session), elapsed,
                                                 work.drafts if work.draft else None, work.drafts_after,
-                                                plan.draft_seconds))
+                                                plan.draft_seconds if work.draft else 0.0))
 
     @staticmethod
     def _answer(future: asyncio.Future, result: object = None, exception: BaseException | None = None) -> None:

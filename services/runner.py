@@ -129,9 +129,12 @@ class ModelRunner:
             drafts = self.drafter.draft(self.tail, self.pool, rows)
         except Exception:  # noqa: BLE001 - drafts are an optimisation: the step's tokens stand without them
             log.exception("drafting failed for %d rows", len(rows))
+            for w in works:
+                w.draft = 0  # answered as if none were asked for, so the client stops asking
             return
-        for w, tokens in zip(drafting, drafts):
+        for w, row, tokens in zip(drafting, rows, drafts):
             w.drafts = w.session.drafts = tokens
+            w.session.drafts_at = row.length
 
 
 def _check_finite(work: Work) -> None:

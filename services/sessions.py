@@ -36,6 +36,7 @@ class Session:
     answered_at: float | None = None  # time.monotonic() of its latest answer
     return_gap: float | None = None  # how long its next step takes to arrive after an answer (moving average)
     drafts: list[int] = field(default_factory=list)  # the tail's drafts in its latest answer
+    drafts_at: int = -1  # where a step that holds them starts: the position of the token they follow
 
 
 class SessionTable:

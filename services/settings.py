@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from splitcore.protocol import MAX_DRAFTS
 from splitcore.sampling import HISTORY_LIMIT
 
 # The mark in every placeholder secret we ship (k8s/10-secret.yaml): a service holding one refuses to start.
@@ -34,6 +35,10 @@ class ServerSettings(BaseSettings):
     tail_drafts: bool = Field(
         True, description="draft the tokens after each sampled one with the head graph the server bundle carries "
         "(splitcore/tail_drafts.py), for clients that ask; off: the head is not loaded and no step gets drafts",
+    )
+    max_drafts: int = Field(
+        8, ge=1, le=MAX_DRAFTS, description="the most drafts one step gets, a decode run each (X-Draft above it is "
+        "clamped): bounds what one client's step can cost the batch it runs in",
     )
     # KV memory: ``max_sessions`` slots of ``slot_length`` positions, reserved at start-up (see splitcore/kvpool.py).
     max_sessions: int = Field(64, ge=1, description="KV slots, i.e. sessions open at once")

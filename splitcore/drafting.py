@@ -358,15 +358,15 @@ class PromptLookup:
         return self.table.chain(history, limit) if self.table is not None and limit > 0 else ([], [])
 
     def observe(self, positions: int, seconds: float, compute: float | None = None, asked: int = 0,
-                drafting: float | None = None) -> None:
+                drafting: float | None = None, made: int = 0) -> None:
         """A decode step of ``positions`` positions (the last token and its drafts) took ``seconds``, ``compute``
-        of them in the head's and the tail's runs, and it asked the tail for ``asked`` drafts, which took it
-        ``drafting`` seconds on top (None: it made none)."""
+        of them in the head's and the tail's runs, and it asked the tail for ``asked`` drafts, of which it made
+        ``made`` in ``drafting`` seconds on top (None: it says it made none)."""
         self.costs.observe(positions, seconds, compute)
         if asked:
-            self.unanswered = 0 if drafting is not None else self.unanswered + 1
-            if drafting is not None:
-                self.costs.observe_drafts(asked, drafting)
+            self.unanswered = 0 if made else self.unanswered + 1
+            if made and drafting is not None:
+                self.costs.observe_drafts(made, drafting)
 
     def _lookup(self, history: Sequence[int], limit: int) -> list[int]:
         # Vectorised: this runs once per generated token over the whole conversation (a Python scan cost 0.7 ms

@@ -7,6 +7,7 @@ parity reference for the networked one.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from typing import Protocol
@@ -19,6 +20,8 @@ from splitcore.graphs import HeadRunner, LmHeadRunner, TailRunner
 from splitcore.noise import BoundaryNoise
 from splitcore.sampling import Choice, History, Sampler, SamplingParams
 from splitcore.tail_drafts import TailDrafter
+
+log = logging.getLogger(__name__)
 
 
 class TailLink(Protocol):
@@ -145,7 +148,11 @@ class LocalTail:
         if found is None:
             return choices
         row, kept = found
-        self.drafts = self.drafter.draft(self.runner, self.cache, [row])[0]
+        try:
+            self.drafts = self.drafter.draft(self.runner, self.cache, [row])[0]
+        except Exception:  # noqa: BLE001 - drafts are an optimisation, as on the service (services/runner.py)
+            log.exception("drafting failed")
+            return choices
         self.draft_seconds = time.perf_counter() - started
         choices = list(choices)
         choices[kept] = dataclasses.replace(choices[kept], drafts=tuple(self.drafts))
@@ -245,7 +252,7 @@ class SplitGenerator:
         hidden, past = self._send([token, *drafts])
         choices = self.tail.verify(hidden, past, len(drafts) + 1, guess=self._wants_guess(),
                                    draft=self._tail_count(bool(self.drafter.from_tail)), drafted=self.drafter.from_tail)
-        self._observe(len(drafts) + 1, started)
+        self._observe(len(drafts) + 1, started, choices)
         accepted = 0
         while accepted < len(drafts) and choices[accepted].token == drafts[accepted]:
             accepted += 1
@@ -257,13 +264,15 @@ class SplitGenerator:
         self.accepted += accepted
         return choices, accepted
 
-    def _observe(self, positions: int, started: float) -> None:
-        """Tell the drafter what the step just done cost: end to end and in the runs, the tail's drafting apart."""
+    def _observe(self, positions: int, started: float, choices: Sequence[Choice]) -> None:
+        """Tell the drafter what the step just done cost: end to end and in the runs, the tail's drafting apart, and
+        how many drafts that bought (``choices``: the step's)."""
         drafting = getattr(self.tail, "draft_seconds", None)  # a link that wraps another may not say
         tail = getattr(self.tail, "compute_seconds", None)
         compute = None if tail is None else self.head_seconds + tail
+        made = sum(len(choice.drafts) for choice in choices)
         self.drafter.observe(positions, time.perf_counter() - started - (drafting or 0.0), compute, self.asked,
-                             drafting)
+                             drafting, made)
 
     def _tail_count(self, ask: bool = True) -> int:
         """How many drafts the step about to go asks the tail for (0 without a drafter; 0 where the step holds the
@@ -313,7 +322,7 @@ class SplitGenerator:
                 started = time.perf_counter()
                 choice = self.feed([choice.token])
                 if self.drafter is not None:
-                    self._observe(1, started)
+                    self._observe(1, started, [choice])
                 continue
             start = self.cache.length(0)
             choices, accepted = self._verify(choice.token, drafts)

@@ -16,6 +16,7 @@ Numerics: scores are shifted by their maximum before dividing by the temperature
 
 from __future__ import annotations
 
+import itertools
 import secrets
 import threading
 from collections import deque
@@ -31,6 +32,9 @@ TOP_P_CANDIDATES = 1024
 
 # Generated tokens the repetition penalty looks at (the latest ones), on the service and the client alike.
 HISTORY_LIMIT = 1024
+# Samples a History keeps beyond its limit: one speculative step's (X-Sample-Count is at most this), so that samples a
+# rollback then drops never pushed out tokens the penalty still looks at.
+ROLLBACK_SLACK = 256
 
 
 @dataclass(frozen=True)
@@ -162,16 +166,19 @@ def _scratch(rows: int, vocab: int) -> tuple[np.ndarray, np.ndarray]:
 class History:
     """The latest tokens a sequence sampled, each with the position it was sampled from, for the repetition penalty.
 
-    Bounded (``limit`` tokens), so a long sequence's penalty costs the same as a short one's. A rollback to L drops
-    the tokens sampled at positions >= L; tokens given up front (a replay's) have position -1 and stay. The service
-    (per session), a client choosing tokens itself and a remote link (for replays) all keep theirs here.
+    Bounded (the penalty looks at the latest ``limit`` tokens), so a long sequence's penalty costs the same as a short
+    one's. A rollback to L drops the tokens sampled at positions >= L; tokens given up front (a replay's) have position
+    -1 and stay. ROLLBACK_SLACK more are kept, so the tokens the penalty sees are the same whatever samples were
+    taken and dropped. The service (per session), a client choosing tokens itself and a remote link (for replays) all
+    keep theirs here.
     """
 
     def __init__(self, limit: int = HISTORY_LIMIT, tokens: Iterable[int] = ()) -> None:
-        self.entries: deque[tuple[int, int]] = deque(((int(t), -1) for t in tokens), maxlen=limit)
+        self.limit = limit
+        self.entries: deque[tuple[int, int]] = deque(((int(t), -1) for t in tokens), maxlen=limit + ROLLBACK_SLACK)
 
     def add(self, token: int, position: int) -> None:
-        self.entries.append((token, position))  # a limit of 0 keeps nothing
+        self.entries.append((token, position))
 
     def rollback(self, length: int) -> None:
         while self.entries and self.entries[-1][1] >= length:
@@ -190,7 +197,10 @@ class History:
         return run[::-1]
 
     def tokens(self) -> np.ndarray:
-        return np.fromiter((t for t, _ in self.entries), dtype=np.int64, count=len(self.entries))
+        """The latest ``limit`` tokens."""
+        count = min(self.limit, len(self.entries))
+        skip = len(self.entries) - count
+        return np.fromiter((t for t, _ in itertools.islice(self.entries, skip, None)), dtype=np.int64, count=count)
 
 
 def _penalize(scores: np.ndarray, history: Sequence[int] | np.ndarray, penalty: float) -> None:

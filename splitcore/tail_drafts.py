@@ -16,6 +16,7 @@ verified step writes those positions again from the client's exact hidden states
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -50,6 +51,9 @@ class TailDrafter:
         tokenizer = bundle.manifest.tokenizer
         self.stops = set(tokenizer.eos_token_ids) if tokenizer is not None else set()
         self._scratch: KVPool | None = None
+        # One drafting at a time: the scratch cache and the head's IO bindings are shared (the service drafts on its
+        # one worker thread; in process, the gateway's conversations run on several).
+        self._lock = threading.Lock()
 
     def row(self, slot: int, first: int, tokens: Sequence[int], drafted: Sequence[int], seq: int, history: History,
             count: int) -> tuple[DraftRow, int] | None:
@@ -76,6 +80,10 @@ class TailDrafter:
         """Up to ``row.count`` greedy drafts for each row (fewer after a stop id, or where the slot has no room), each
         round one batched tail run over the rows still drafting. A slot's positions from ``row.length`` on are
         overwritten (the drafts' own), and its length is as it was afterwards."""
+        with self._lock:
+            return self._draft(tail, pool, rows)
+
+    def _draft(self, tail: TailRunner, pool: KVPool, rows: Sequence[DraftRow]) -> list[list[int]]:
         drafts: list[list[int]] = [[] for _ in rows]
         counts = [max(0, min(row.count, MAX_DRAFTS, pool.max_length - row.length - 1)) for row in rows]
         active = [i for i, count in enumerate(counts) if count > 0 and len(rows[i].recent) > 0]

@@ -41,7 +41,7 @@ class OracleDrafts:
         self.accepted += accepted
 
     def observe(self, positions: int, seconds: float, compute: float | None = None, asked: int = 0,
-                drafting: float | None = None) -> None:
+                drafting: float | None = None, made: int = 0) -> None:
         """Step times do not matter here."""
 
     from_tail = 0  # its drafts are never the tail's own

@@ -94,3 +94,17 @@ def test_a_batch_picks_what_each_row_picks_alone():
     assert len(together[2].top) == 3 and all(np.isfinite(lp) for _, lp in together[2].top)
     few = Sampler(SamplingParams(temperature=1.0, top_k=1, seed=0)).choose(logits[0], top_logprobs=5)
     assert few.top == [(few.token, 0.0)] and few.logprob == 0.0
+
+
+def test_samples_a_rollback_drops_do_not_push_out_what_the_penalty_sees():
+    from splitcore.sampling import History
+
+    history = History(limit=4)
+    for position, token in enumerate([10, 11, 12, 13]):
+        history.add(token, position)
+    for position, token in enumerate([20, 21, 22], start=4):  # a speculative step's samples, then rejected
+        history.add(token, position)
+    assert history.tokens().tolist() == [13, 20, 21, 22], "the penalty looks at the latest 4"
+    history.rollback(4)
+    assert history.tokens().tolist() == [10, 11, 12, 13]
+    assert History(limit=0, tokens=[1, 2]).tokens().tolist() == []

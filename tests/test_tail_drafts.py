@@ -108,6 +108,9 @@ def test_the_client_asks_for_as_many_drafts_as_pay():
     missing = PromptLookup(costs=slow_link, tail_drafts=True)
     missing.observe(1, 0.03, None, 4, None), missing.observe(1, 0.03, None, 4, None)
     assert missing.tail_count() == 0, "a service with drafts off answers none: stop asking"
+    empty = PromptLookup(costs=slow_link, tail_drafts=True)
+    empty.observe(1, 0.03, None, 4, 0.001, 0), empty.observe(1, 0.03, None, 4, 0.001, 0)
+    assert empty.tail_count() == 0, "a tail that answers with no drafts, time after time: stop asking"
     wrong = PromptLookup(costs=slow_link, tail_drafts=True, max_draft=8)
     for _ in range(100):
         wrong.tail_record.add(0, 8)  # none kept: the drafts do not hold in this conversation
@@ -201,3 +204,64 @@ def test_a_seed_gives_the_same_sampled_text_with_drafts_as_without(export_bundle
     assert drafter.sent > drafter.kept > 0, "some drafts kept and some rejected"
     other = SamplingParams(temperature=0.8, top_p=0.95, seed=4)
     assert [c.token for c in SplitGenerator(head, LocalTail(tail, other)).generate(PROMPT, 40)] != plain
+
+
+def test_a_retried_step_claims_no_drafts_and_leaves_the_kept_positions_alone(export_bundle):
+    """The answer to a step that held drafts is lost and the client sends it again: the first try already drafted
+    after its own last kept token, so the retry must not take those drafts for the ones it holds (the tail would
+    draft after the wrong token, over positions the client keeps)."""
+    out = export_bundle(TINY, 2)
+    client, _, head, tail = runners(out)
+    with service_thread(out / "server") as url:
+        sha = client.manifest_sha256
+
+        def conversation(retry: bool) -> list[int]:
+            sid = httpx.post(f"{url}{protocol.SESSIONS_PATH}", json={"manifest_sha256": sha}).json()["session_id"]
+            cache = head.new_cache(256)
+            first = step(url, sid, sha, head.forward(np.array([PROMPT]), cache), 0, Draft=3).json()
+            sent = [first["token"], first["drafts"][0], (first["drafts"][1] + 1) % 512, first["drafts"][2]]
+            hidden, past = head.forward(np.array([sent]), cache), len(PROMPT)
+            answer = step(url, sid, sha, hidden, past, Keep_Length=past, Draft=3, Drafted=3, Sample_Count=4)
+            if retry:  # the same step again, as a client does when the answer did not arrive
+                again = step(url, sid, sha, hidden, past, Keep_Length=past, Draft=3, Drafted=3, Sample_Count=4)
+                assert again.status_code == 200 and again.json()["drafts"] == []
+                assert again.json()["tokens"] == answer.json()["tokens"]
+            result = answer.json()
+            kept = next(i for i in range(3) if result["tokens"][i] != sent[i + 1])
+            length = past + kept + 1
+            cache.truncate(0, length)
+            tokens = []
+            token = result["tokens"][kept]
+            for _ in range(6):  # plain steps on: they read every kept position's KV
+                reply = step(url, sid, sha, head.forward(np.array([[token]]), cache), length, Keep_Length=length)
+                token = reply.json()["token"]
+                tokens.append(token)
+                length += 1
+            return tokens
+
+        assert conversation(retry=True) == conversation(retry=False)
+
+
+def test_one_drafter_serves_conversations_on_several_threads(export_bundle):
+    """In process, the gateway's conversations share the tail's drafter (its scratch cache and bindings)."""
+    _, server, head, tail = runners(export_bundle(TINY, 2))
+    drafter = TailDrafter(server)
+    plain = plain_tokens(head, tail, 24)
+
+    def run(_) -> list[int]:
+        link = LocalTail(tail, SamplingParams(), drafter=drafter)
+        generator = SplitGenerator(head, link, drafter=Counting(costs=FreePositions(), tail_drafts=True))
+        return [c.token for c in generator.generate(PROMPT, 24)]
+
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(run, range(8))) == [plain] * 8
+
+
+def test_the_service_clamps_the_drafts_a_step_asks_for(export_bundle):
+    out = export_bundle(TINY, 2)
+    client, _, head, _ = runners(out)
+    with service_thread(out / "server", max_drafts=2) as url:
+        sha = client.manifest_sha256
+        sid = httpx.post(f"{url}{protocol.SESSIONS_PATH}", json={"manifest_sha256": sha}).json()["session_id"]
+        answer = step(url, sid, sha, head.forward(np.array([PROMPT]), head.new_cache(64)), 0, Draft=16)
+        assert answer.status_code == 200 and len(answer.json()["drafts"]) == 2
