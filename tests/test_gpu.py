@@ -16,12 +16,14 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from conftest import TINY, bundles, requires_smollm2
+from drafts import FreePositions
 from servers import free_port, start
 
 from client.remote import RemoteTail
 from client.settings import ClientSettings
 from export import parity
 from export.__main__ import main as export_main
+from splitcore.drafting import PromptLookup
 from splitcore.generation import LocalTail, SplitGenerator
 from splitcore.graphs import HeadRunner, TailRunner
 from splitcore.sampling import SamplingParams
@@ -206,5 +208,13 @@ def test_service_on_cuda_reports_it_and_serves_the_same_tokens(split, tmp_path):
         local = LocalTail(TailRunner(server16, CUDA), SamplingParams())
         expected = [c.token for c in SplitGenerator(head, local).generate(prompt, 16, stop_ids=())]
         assert got == expected
+        # The tail's own drafts, made on the GPU (the head copy beside the tail, its decode runs captured or not).
+        remote.close()
+        drafter = PromptLookup(costs=FreePositions(), tail_drafts=True)
+        remote = RemoteTail.open(client, ClientSettings(server_url=running.url), SamplingParams())
+        generator = SplitGenerator(head, remote, drafter=drafter)
+        assert [c.token for c in generator.generate(prompt, 16, stop_ids=())] == expected
+        assert generator.drafted > 0
+        remote.close()
     finally:
         assert running.terminate() == 0, running.output()[-2000:]
