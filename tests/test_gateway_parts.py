@@ -130,12 +130,18 @@ def test_pool_is_bounded_and_closes_what_it_drops() -> None:
     assert failed.conversation.closed and len(pool.idle) == 2
 
 
-def test_seeded_sampling_never_continues_a_conversation() -> None:
+def test_seeded_sampling_with_a_penalty_never_continues_a_conversation() -> None:
+    """Draws are keyed by seed and position, so a seeded conversation continues like a fresh one; its repetition
+    penalty would also see the earlier answers, which a fresh one's does not."""
     pool = ConversationPool(lambda params: FakeConversation(), size=2)
+    penalised = SamplingParams(temperature=1.0, seed=3, repetition_penalty=1.3)
+    lease = pool.acquire([1], penalised)
+    pool.release(lease, clean=True)
+    assert lease.conversation.closed and pool.idle == []
     seeded = SamplingParams(temperature=1.0, seed=3)
     lease = pool.acquire([1], seeded)
     pool.release(lease, clean=True)
-    assert lease.conversation.closed and pool.idle == []
+    assert not lease.conversation.closed and len(pool.idle) == 1
 
 
 @pytest.mark.parametrize("extra", [{"n": 3}, {"logprobs": True}, {"tools": [{"type": "function"}]},

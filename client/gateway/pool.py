@@ -26,8 +26,11 @@ class Lease:
 
 
 def shareable(params: SamplingParams) -> bool:
-    """A seeded sampler's state moves with every token: continuing it would not reproduce a fresh run's output."""
-    return params.greedy or params.seed is None
+    """Whether a conversation with these settings may continue one left from another request. A seeded one may: each
+    position's draw depends only on the seed and the position (splitcore/sampling.py), so continuing gives what a
+    fresh run gives. Not with a repetition penalty and a seed: the continued conversation's penalty also sees its
+    earlier answers, which a fresh run's does not, and a seed promises the same text."""
+    return params.greedy or params.seed is None or params.repetition_penalty == 1.0
 
 
 class ConversationPool:
