@@ -95,8 +95,6 @@ class RemoteTail:
         self.replays = 0
         self.compute_seconds: float | None = None  # the tail's run time for the latest step, as it reported it
         self.draft_seconds: float | None = None  # of it, the tail's drafting, as it reported it
-        # The session whose latest answer had the tail's drafts: only it can tell which of them a step holds.
-        self.drafts_session: str | None = None
         # Called once, after this link's first answered step or when it closes (a spare waiting to open, say).
         self.after_first_step: list[Callable[[], None]] = []
 
@@ -179,12 +177,9 @@ class RemoteTail:
         seq = hidden_states.shape[1]
         if self.chooser is not None:  # private output: the tail samples nothing, so it drafts nothing
             draft = drafted = 0
-        drafts_session, self.drafts_session = self.drafts_session, None
-        reply = self.with_retries(lambda: self.send(frame, past_length, count, guess, draft,
-                                                    drafted if self.session_id == drafts_session else 0))
+        # A replayed session holds none of the drafts a step claims: the service then answers without new ones.
+        reply = self.with_retries(lambda: self.send(frame, past_length, count, guess, draft, drafted))
         choices = self.read_step(reply, past_length + seq, count, draft)
-        if any(choice.drafts for choice in choices):
-            self.drafts_session = self.session_id
         self.compute_seconds, self.draft_seconds = tail_seconds(reply)
         self.keep = None
         self.sent.append(frame)

@@ -88,7 +88,7 @@ def sample_answers(model, tokenizer, stop_ids: Sequence[int], tokens: int, seed:
         torch.manual_seed(seed)
         for i, request in enumerate(REQUESTS):
             progress(f"sampling {ROWS} answers of {new_tokens} tokens, request {i + 1}/{len(REQUESTS)}")
-            prompt = _prompt_ids(tokenizer, request)
+            prompt = prompt_ids(tokenizer, request)
             batch = torch.tensor([prompt] * ROWS, dtype=torch.long)
             out = model.generate(batch, attention_mask=torch.ones_like(batch), do_sample=True, temperature=TEMPERATURE,
                                  top_k=TOP_K, top_p=1.0, max_new_tokens=new_tokens, pad_token_id=pad,
@@ -102,7 +102,7 @@ def greedy_answers(model, tokenizer, stop_ids: Sequence[int], new_tokens: int) -
     (masked: on SmolLM2 the same 8 x 128 tokens as one request at a time, in 9 s instead of 35)."""
     stops = {int(t) for t in stop_ids}
     pad = min(stops, default=0)
-    prompts = [_prompt_ids(tokenizer, request) for request in CALIBRATION_REQUESTS]
+    prompts = [prompt_ids(tokenizer, request) for request in CALIBRATION_REQUESTS]
     width = max(len(prompt) for prompt in prompts)
     batch = torch.tensor([[pad] * (width - len(prompt)) + prompt for prompt in prompts], dtype=torch.long)
     mask = torch.tensor([[0] * (width - len(prompt)) + [1] * len(prompt) for prompt in prompts], dtype=torch.long)
@@ -118,7 +118,8 @@ def _until_stop(prompt: list[int], row: list[int], stops: set[int]) -> Answer:
     return Answer(prompt, row[:end])
 
 
-def _prompt_ids(tokenizer, request: str) -> list[int]:
+def prompt_ids(tokenizer, request: str) -> list[int]:
+    """``request`` as one user turn through the chat template, ready for the answer (the plain ids without one)."""
     if getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": request}], add_generation_prompt=True,
                                             tokenize=True)

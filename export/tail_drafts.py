@@ -17,6 +17,7 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
+from export.draft_table import prompt_ids
 from splitcore.manifest import GraphSpec, TailDraftSpec
 
 # Sampled tokens the head runs over for each draft. 16 gave 98.2% on SmolLM2's chat answers, 64 gave 99.3%.
@@ -45,9 +46,7 @@ def answer_prefix(tokenizer: PreTrainedTokenizerBase | None) -> list[int]:
     bos = [] if tokenizer.bos_token_id is None else [int(tokenizer.bos_token_id)]
     if not getattr(tokenizer, "chat_template", None):
         return bos
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": _PROBE}], add_generation_prompt=True,
-                                             tokenize=True)
-    rendered = [int(t) for t in (rendered["input_ids"] if hasattr(rendered, "keys") else rendered)]
+    rendered = prompt_ids(tokenizer, _PROBE)
     probe = tokenizer.encode(_PROBE, add_special_tokens=False)
     for start in range(len(rendered) - len(probe), -1, -1):
         if rendered[start : start + len(probe)] == probe:

@@ -433,23 +433,15 @@ class Record:
         return [min(c * calibration, 1.0) for c in chances]
 
 
-class ChainRecord:
+class ChainRecord(Record):
     """How a chain of drafts fared in a conversation, as the chance that each draft is kept given the ones before it
-    were: drafts are tried in order until the first rejected one. Starts from TAIL_PRIOR (weighed as PRIOR_TRIES
-    tries) and forgets like ``Record``."""
+    were: drafts are tried in order until the first rejected one, so ``expected`` counts the drafts tried. Starts from
+    TAIL_PRIOR (weighed as PRIOR_TRIES tries)."""
 
     PRIOR_TRIES = 4.0
 
-    def __init__(self) -> None:
-        self.kept = self.tried = 0.0
-
-    def forget(self) -> None:
-        self.kept *= CALIBRATION_MEMORY
-        self.tried *= CALIBRATION_MEMORY
-
     def add(self, kept: int, proposed: int) -> None:
-        self.kept += kept
-        self.tried += kept + (kept < proposed)  # the first rejected one was tried too; the rest were not
+        super().add(kept, kept + (kept < proposed))  # the first rejected one was tried too; the rest were not
 
     def chance(self) -> float:
-        return (self.kept + TAIL_PRIOR * self.PRIOR_TRIES) / (self.tried + self.PRIOR_TRIES)
+        return (self.kept + TAIL_PRIOR * self.PRIOR_TRIES) / (self.expected + self.PRIOR_TRIES)
